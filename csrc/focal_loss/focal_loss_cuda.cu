@@ -1,0 +1,404 @@
+// CUDA kernels of the sigmoid focal loss (dense targets and labels), forward and backward.
+//
+// Grid-stride loops over elements with int64 indices (N*K passes 2^31 at batch 16 x 120k
+// anchors x 91 classes would not, but a few more classes would); 4-wide vector loads and
+// stores where the pointers allow. Math in float32 for half/bfloat16 (float64 for double).
+// Reductions write one partial per block, then one block sums the partials in a fixed order:
+// deterministic, no float atomics. Gradients of reduced losses read the upstream grad from
+// device memory, so nothing synchronises with the host.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "common/cuda_utils.cuh"
+#include "focal_loss/focal_loss_checks.h"
+#include "focal_loss/focal_loss_math.h"
+
+namespace retina_fast {
+namespace focal {
+namespace {
+
+using cuda::kThreads;
+
+struct CudaMath {
+  __device__ static __forceinline__ float exp(float x) { return ::expf(x); }
+  __device__ static __forceinline__ float log(float x) { return ::logf(x); }
+  __device__ static __forceinline__ float log1p(float x) { return ::log1pf(x); }
+  __device__ static __forceinline__ double exp(double x) { return ::exp(x); }
+  __device__ static __forceinline__ double log(double x) { return ::log(x); }
+  __device__ static __forceinline__ double log1p(double x) { return ::log1p(x); }
+};
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+
+constexpr int kVec = 4;
+
+// Target of element i: dense array, or derived from the row's label.
+template <typename scalar_t, typename acc_t>
+struct DenseTarget {
+  const scalar_t* t;
+  __device__ __forceinline__ acc_t operator()(int64_t i) const { return acc_t(t[i]); }
+  __device__ __forceinline__ bool ignored(int64_t) const { return false; }
+};
+
+template <typename acc_t>
+struct LabelTarget {
+  const int64_t* labels;
+  int64_t K;
+  acc_t pos, neg;
+  __device__ __forceinline__ acc_t operator()(int64_t i) const {
+    const int64_t r = i / K;
+    return labels[r] == i - r * K ? pos : neg;
+  }
+  __device__ __forceinline__ bool ignored(int64_t i) const { return labels[i / K] == kIgnore; }
+};
+
+// ------------------------------------------------------------------ forward
+
+template <typename scalar_t, Gamma G, typename Target>
+__global__ void forward_kernel(const scalar_t* __restrict__ x, Target tgt, int64_t n,
+                               Params<acc_type<scalar_t>> p, scalar_t* __restrict__ out,
+                               acc_type<scalar_t>* __restrict__ partials) {
+  using acc_t = acc_type<scalar_t>;
+  __shared__ acc_t smem[32];
+  acc_t acc = 0;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const acc_t v = tgt.ignored(i) ? acc_t(0) : loss<acc_t, CudaMath, G>(acc_t(x[i]), tgt(i), p);
+    if (out) out[i] = scalar_t(v);
+    else acc += v;
+  }
+  if (!out) {
+    acc = cuda::block_reduce_sum(acc, smem);
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+  }
+}
+
+// Dense float path with 4-wide loads: n is a multiple of kVec, pointers aligned.
+template <typename scalar_t, Gamma G>
+__global__ void forward_dense_vec_kernel(const scalar_t* __restrict__ x,
+                                         const scalar_t* __restrict__ t, int64_t nvec,
+                                         Params<acc_type<scalar_t>> p, scalar_t* __restrict__ out,
+                                         acc_type<scalar_t>* __restrict__ partials) {
+  using acc_t = acc_type<scalar_t>;
+  using P = cuda::Pack<scalar_t, kVec>;
+  __shared__ acc_t smem[32];
+  acc_t acc = 0;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < nvec; i += stride) {
+    const P xv = reinterpret_cast<const P*>(x)[i];
+    const P tv = reinterpret_cast<const P*>(t)[i];
+    P ov;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const acc_t v = loss<acc_t, CudaMath, G>(acc_t(xv.v[j]), acc_t(tv.v[j]), p);
+      ov.v[j] = scalar_t(v);
+      acc += v;
+    }
+    if (out) reinterpret_cast<P*>(out)[i] = ov;
+  }
+  if (!out) {
+    acc = cuda::block_reduce_sum(acc, smem);
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+  }
+}
+
+// Sum of partials in one block, in a fixed order; divides by *count * scale_k (mean) if given.
+template <typename acc_t, typename out_t>
+__global__ void finish_sum_kernel(const acc_t* __restrict__ partials, int64_t n,
+                                  const int64_t* __restrict__ count, double divisor,
+                                  out_t* __restrict__ out) {
+  __shared__ acc_t smem[32];
+  acc_t acc = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partials[i];
+  acc = cuda::block_reduce_sum(acc, smem);
+  if (threadIdx.x == 0) {
+    double total = double(acc);
+    if (count) total /= double(*count) * divisor;
+    else if (divisor != 1.0) total /= divisor;
+    *out = out_t(total);
+  }
+}
+
+// Non-ignored rows (for the labels' mean).
+__global__ void count_valid_kernel(const int64_t* __restrict__ labels, int64_t n,
+                                   unsigned long long* __restrict__ count) {
+  __shared__ unsigned long long smem[32];
+  unsigned long long c = 0;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    c += labels[i] != kIgnore;
+  c = cuda::block_reduce_sum(c, smem);
+  if (threadIdx.x == 0) atomicAdd(count, c);  // integer: order does not matter
+}
+
+// ------------------------------------------------------------------ backward
+
+// grad_in[i] = (g ? g[i] : 1) * (*gscale) / (count ? *count * div : div) * dloss/dx
+template <typename scalar_t, Gamma G, typename Target>
+__global__ void backward_kernel(const scalar_t* __restrict__ x, Target tgt, int64_t n,
+                                Params<acc_type<scalar_t>> p, const scalar_t* __restrict__ g,
+                                const float* __restrict__ gscale, const int64_t* __restrict__ count,
+                                double div, scalar_t* __restrict__ gin) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t s = 1;
+  if (gscale) s = acc_t(double(*gscale) / (count ? double(*count) * div : div));
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    acc_t v = 0;
+    if (!tgt.ignored(i)) {
+      v = s * dloss<acc_t, CudaMath, G>(acc_t(x[i]), tgt(i), p);
+      if (g) v *= acc_t(g[i]);
+    }
+    gin[i] = scalar_t(v);
+  }
+}
+
+template <typename scalar_t, Gamma G>
+__global__ void backward_dense_vec_kernel(const scalar_t* __restrict__ x,
+                                          const scalar_t* __restrict__ t, int64_t nvec,
+                                          Params<acc_type<scalar_t>> p,
+                                          const scalar_t* __restrict__ g,
+                                          const float* __restrict__ gscale, double div,
+                                          scalar_t* __restrict__ gin) {
+  using acc_t = acc_type<scalar_t>;
+  using P = cuda::Pack<scalar_t, kVec>;
+  acc_t s = 1;
+  if (gscale) s = acc_t(double(*gscale) / div);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < nvec; i += stride) {
+    const P xv = reinterpret_cast<const P*>(x)[i];
+    const P tv = reinterpret_cast<const P*>(t)[i];
+    P gv;
+    if (g) gv = reinterpret_cast<const P*>(g)[i];
+    P ov;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      acc_t v = s * dloss<acc_t, CudaMath, G>(acc_t(xv.v[j]), acc_t(tv.v[j]), p);
+      if (g) v *= acc_t(gv.v[j]);
+      ov.v[j] = scalar_t(v);
+    }
+    reinterpret_cast<P*>(gin)[i] = ov;
+  }
+}
+
+// ------------------------------------------------------------------ host side
+
+template <typename scalar_t>
+bool can_vectorize(int64_t n, std::initializer_list<const void*> ptrs) {
+  if (n % kVec != 0) return false;
+  for (const void* p : ptrs)
+    if (p && reinterpret_cast<uintptr_t>(p) % (sizeof(scalar_t) * kVec) != 0) return false;
+  return true;
+}
+
+// Launch the forward for a target functor; returns the loss tensor.
+template <typename scalar_t, typename Target>
+at::Tensor launch_forward(const at::Tensor& x, const at::Tensor& t_dense, Target tgt,
+                          int64_t reduction, double alpha, double gamma, at::ScalarType red_dtype,
+                          const at::Tensor& labels_for_mean, int64_t K) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t n = x.numel();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Params<acc_t> p{acc_t(alpha), acc_t(gamma)};
+  const Gamma kind = gamma_kind(gamma);
+  at::Tensor out = reduction == kNone ? at::empty_like(x) : at::Tensor();
+  if (reduction == kNone && n == 0) return out;
+  const bool dense = t_dense.defined();
+  const bool vec = dense && can_vectorize<scalar_t>(n, {x.const_data_ptr(), t_dense.const_data_ptr(),
+                                                        out.defined() ? out.const_data_ptr() : nullptr});
+  const int64_t blocks = cuda::grid_for(vec ? n / kVec : n);
+  at::Tensor partials = at::empty({reduction == kNone ? 0 : blocks},
+                                  x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  scalar_t* outp = out.defined() ? out.mutable_data_ptr<scalar_t>() : nullptr;
+  acc_t* pp = partials.numel() ? partials.mutable_data_ptr<acc_t>() : nullptr;
+  RETINA_FAST_DISPATCH_GAMMA(kind, G, [&] {
+    if (vec) {
+      forward_dense_vec_kernel<scalar_t, G><<<blocks, kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), t_dense.const_data_ptr<scalar_t>(), n / kVec, p, outp, pp);
+    } else {
+      forward_kernel<scalar_t, G, Target><<<blocks, kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), tgt, n, p, outp, pp);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (reduction == kNone) return out;
+  at::Tensor result = at::empty({}, x.options().dtype(red_dtype));
+  at::Tensor count;
+  double divisor = 1.0;
+  if (reduction == kMean) {
+    if (labels_for_mean.defined()) {
+      count = at::zeros({}, labels_for_mean.options());
+      const int64_t nl = labels_for_mean.numel();
+      count_valid_kernel<<<cuda::grid_for(nl), kThreads, 0, stream>>>(
+          labels_for_mean.const_data_ptr<int64_t>(), nl,
+          reinterpret_cast<unsigned long long*>(count.mutable_data_ptr<int64_t>()));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      divisor = double(K);
+    } else {
+      divisor = double(n);  // n == 0: 0 / 0 = NaN, as torch.mean of nothing
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, red_dtype, "focal_finish", [&] {
+    using out_t = scalar_t;
+    finish_sum_kernel<acc_t, out_t><<<1, 1024, 0, stream>>>(
+        pp, blocks, count.defined() ? count.const_data_ptr<int64_t>() : nullptr,
+        reduction == kMean ? divisor : 1.0, result.mutable_data_ptr<out_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return result;
+}
+
+template <typename scalar_t, typename Target>
+at::Tensor launch_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t_dense,
+                           Target tgt, int64_t reduction, double alpha, double gamma,
+                           const at::Tensor& labels_for_mean, int64_t K) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t n = x.numel();
+  at::Tensor gin = at::empty_like(x);
+  if (n == 0) return gin;
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Params<acc_t> p{acc_t(alpha), acc_t(gamma)};
+  const Gamma kind = gamma_kind(gamma);
+  at::Tensor g, gs, count;
+  double div = 1.0;
+  if (reduction == kNone) {
+    g = grad.to(x.scalar_type()).contiguous();
+  } else {
+    gs = grad.reshape({}).to(at::kFloat);
+    if (reduction == kMean) {
+      if (labels_for_mean.defined()) {
+        count = at::zeros({}, labels_for_mean.options());
+        const int64_t nl = labels_for_mean.numel();
+        count_valid_kernel<<<cuda::grid_for(nl), kThreads, 0, stream>>>(
+            labels_for_mean.const_data_ptr<int64_t>(), nl,
+            reinterpret_cast<unsigned long long*>(count.mutable_data_ptr<int64_t>()));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        div = double(K);
+      } else {
+        div = double(n);
+      }
+    }
+  }
+  const scalar_t* gp = g.defined() ? g.const_data_ptr<scalar_t>() : nullptr;
+  const float* gsp = gs.defined() ? gs.const_data_ptr<float>() : nullptr;
+  const bool dense = t_dense.defined();
+  const bool vec = dense && !count.defined() &&
+                   can_vectorize<scalar_t>(n, {x.const_data_ptr(), t_dense.const_data_ptr(), gp,
+                                               gin.const_data_ptr()});
+  const int64_t blocks = cuda::grid_for(vec ? n / kVec : n);
+  RETINA_FAST_DISPATCH_GAMMA(kind, G, [&] {
+    if (vec) {
+      backward_dense_vec_kernel<scalar_t, G><<<blocks, kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), t_dense.const_data_ptr<scalar_t>(), n / kVec, p, gp, gsp,
+          div, gin.mutable_data_ptr<scalar_t>());
+    } else {
+      backward_kernel<scalar_t, G, Target><<<blocks, kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), tgt, n, p, gp, gsp,
+          count.defined() ? count.const_data_ptr<int64_t>() : nullptr, div,
+          gin.mutable_data_ptr<scalar_t>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return gin;
+}
+
+at::Tensor dense_forward_cuda(const at::Tensor& inputs, const at::Tensor& targets, double alpha,
+                              double gamma, int64_t reduction) {
+  const char* op = "retina_fast::sigmoid_focal_loss";
+  check_dense(inputs, targets, gamma, reduction, op);
+  check_device(inputs, at::kCUDA, op, "inputs");
+  const c10::cuda::CUDAGuard guard(inputs.device());
+  const at::Tensor x = inputs.contiguous();
+  const at::Tensor t = targets.to(inputs.scalar_type()).contiguous();
+  at::Tensor result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "focal_fwd_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    result = launch_forward<scalar_t>(x, t, DenseTarget<scalar_t, acc_t>{t.const_data_ptr<scalar_t>()},
+                                      reduction, alpha, gamma, x.scalar_type(), at::Tensor(), 0);
+  });
+  return result;
+}
+
+at::Tensor dense_backward_cuda(const at::Tensor& grad, const at::Tensor& inputs,
+                               const at::Tensor& targets, double alpha, double gamma,
+                               int64_t reduction) {
+  const char* op = "retina_fast::sigmoid_focal_loss_backward";
+  check_dense(inputs, targets, gamma, reduction, op);
+  check_grad(grad, inputs, reduction, op);
+  check_device(inputs, at::kCUDA, op, "inputs");
+  const c10::cuda::CUDAGuard guard(inputs.device());
+  const at::Tensor x = inputs.contiguous();
+  const at::Tensor t = targets.to(inputs.scalar_type()).contiguous();
+  at::Tensor gin;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "focal_bwd_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    gin = launch_backward<scalar_t>(grad, x, t, DenseTarget<scalar_t, acc_t>{t.const_data_ptr<scalar_t>()},
+                                    reduction, alpha, gamma, at::Tensor(), 0);
+  });
+  return gin;
+}
+
+at::Tensor labels_forward_cuda(const at::Tensor& logits, const at::Tensor& labels, double alpha,
+                               double gamma, int64_t reduction, double label_smoothing) {
+  const char* op = "retina_fast::sigmoid_focal_loss_labels";
+  check_labels(logits, labels, gamma, reduction, label_smoothing, op);
+  check_device(logits, at::kCUDA, op, "logits");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor x = logits.contiguous();
+  const at::Tensor lab = labels.contiguous();
+  const int64_t K = x.size(1);
+  const at::ScalarType red = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (K == 0) {  // no classes: nothing to index the labels with (and no division by K)
+    if (reduction == kNone) return at::empty_like(x);
+    return reduction == kSum ? at::zeros({}, x.options().dtype(red))
+                             : at::full({}, NAN, x.options().dtype(red));
+  }
+  at::Tensor result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "focal_labels_fwd_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    LabelTarget<acc_t> tgt{lab.const_data_ptr<int64_t>(), K, acc_t(1.0 - 0.5 * label_smoothing),
+                           acc_t(0.5 * label_smoothing)};
+    result = launch_forward<scalar_t>(x, at::Tensor(), tgt, reduction, alpha, gamma, red, lab, K);
+  });
+  return result;
+}
+
+at::Tensor labels_backward_cuda(const at::Tensor& grad, const at::Tensor& logits,
+                                const at::Tensor& labels, double alpha, double gamma,
+                                int64_t reduction, double label_smoothing) {
+  const char* op = "retina_fast::sigmoid_focal_loss_labels_backward";
+  check_labels(logits, labels, gamma, reduction, label_smoothing, op);
+  check_grad(grad, logits, reduction, op);
+  check_device(logits, at::kCUDA, op, "logits");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor x = logits.contiguous();
+  const at::Tensor lab = labels.contiguous();
+  const int64_t K = x.size(1);
+  if (K == 0) return at::empty_like(x);
+  at::Tensor gin;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "focal_labels_bwd_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    LabelTarget<acc_t> tgt{lab.const_data_ptr<int64_t>(), K, acc_t(1.0 - 0.5 * label_smoothing),
+                           acc_t(0.5 * label_smoothing)};
+    gin = launch_backward<scalar_t>(grad, x, at::Tensor(), tgt, reduction, alpha, gamma, lab, K);
+  });
+  return gin;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(retina_fast, CUDA, m) {
+  m.impl("sigmoid_focal_loss", &dense_forward_cuda);
+  m.impl("sigmoid_focal_loss_backward", &dense_backward_cuda);
+  m.impl("sigmoid_focal_loss_labels", &labels_forward_cuda);
+  m.impl("sigmoid_focal_loss_labels_backward", &labels_backward_cuda);
+}
+
+}  // namespace focal
+}  // namespace retina_fast

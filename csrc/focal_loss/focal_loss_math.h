@@ -1,0 +1,134 @@
+#pragma once
+// Sigmoid focal loss for one element, and its derivative with respect to the logit, written
+// once for the CPU and CUDA kernels. `M` supplies exp/log/log1p so that each side can use
+// its fastest accurate functions (vectorisable polynomials on the CPU, libdevice on CUDA).
+//
+// With p = sigmoid(x), q = 1 - p, t the target in [0, 1]:
+//   ce   = max(x, 0) - x t + log1p(exp(-|x|))          binary cross-entropy with logits
+//   m    = 1 - p_t = p (1 - t) + q t
+//   loss = a_t * ce * m^gamma,   a_t = alpha t + (1 - alpha)(1 - t)  (a_t = 1 if alpha < 0)
+//   dloss/dx = a_t * [ (p - t) m^gamma + ce * gamma m^(gamma-1) * p q (1 - 2t) ]
+// p and q are both formed from e = exp(-|x|) so neither cancels: the loss and gradient stay
+// finite and accurate for |x| = 100 in float32 (e underflows to 0, nothing divides by it).
+
+#include <cstdint>
+
+#include "common/host_device.h"
+
+namespace retina_fast {
+namespace focal {
+
+// How the modulating factor m^gamma is computed; chosen once per call, not per element.
+enum class Gamma : int { Two = 0, Zero = 1, One = 2, General = 3 };
+
+inline Gamma gamma_kind(double gamma) {
+  if (gamma == 2.0) return Gamma::Two;
+  if (gamma == 0.0) return Gamma::Zero;
+  if (gamma == 1.0) return Gamma::One;
+  return Gamma::General;
+}
+
+template <typename T>
+struct Params {
+  T alpha;  // < 0: no alpha weighting
+  T gamma;
+};
+
+// m^gamma (pow) and m^(gamma-1) * gamma (dpow), for m in [0, 1].
+template <typename T, typename M, Gamma G>
+HOST_DEVICE_INLINE T modulator(T m, T gamma) {
+  if (G == Gamma::Two) return m * m;
+  if (G == Gamma::Zero) return T(1);
+  if (G == Gamma::One) return m;
+  // m == 0 -> 0 for gamma > 0 (0^gamma); log(0) is never evaluated into the result.
+  const T safe = m > T(0) ? m : T(1);
+  const T r = M::exp(gamma * M::log(safe));
+  return m > T(0) ? r : T(0);
+}
+
+// d(m^gamma)/dm = gamma m^(gamma-1). At m == 0 it is multiplied by p q == 0 (m can only
+// reach 0 when p hits its target exactly), so 0 is the limit we return there.
+template <typename T, typename M, Gamma G>
+HOST_DEVICE_INLINE T dmodulator(T m, T mod, T gamma) {
+  if (G == Gamma::Two) return T(2) * m;
+  if (G == Gamma::Zero) return T(0);
+  if (G == Gamma::One) return T(1);
+  return m > T(0) ? gamma * mod / m : T(0);
+}
+
+// Shared front half of the loss and gradient.
+template <typename T, typename M>
+struct Sig {
+  T p, q, ce;
+};
+
+template <typename T, typename M>
+HOST_DEVICE_INLINE Sig<T, M> sig_ce(T x, T t) {
+  const T ax = x < T(0) ? -x : x;
+  const T e = M::exp(-ax);
+  const T inv = T(1) / (T(1) + e);
+  const bool pos = x >= T(0);
+  Sig<T, M> s;
+  s.p = pos ? inv : e * inv;
+  s.q = pos ? e * inv : inv;
+  // NaN logits: x >= 0 is false, e is NaN, so p, q and ce are NaN (they propagate).
+  const T relu = x > T(0) ? x : T(0);
+  s.ce = relu - x * t + M::log1p(e);
+  return s;
+}
+
+template <typename T>
+HOST_DEVICE_INLINE T alpha_t(T alpha, T t) {
+  return alpha >= T(0) ? alpha * t + (T(1) - alpha) * (T(1) - t) : T(1);
+}
+
+template <typename T, typename M, Gamma G>
+HOST_DEVICE_INLINE T loss(T x, T t, Params<T> prm) {
+  const Sig<T, M> s = sig_ce<T, M>(x, t);
+  const T m = s.p * (T(1) - t) + s.q * t;
+  return alpha_t(prm.alpha, t) * s.ce * modulator<T, M, G>(m, prm.gamma);
+}
+
+template <typename T, typename M, Gamma G>
+HOST_DEVICE_INLINE T dloss(T x, T t, Params<T> prm) {
+  const Sig<T, M> s = sig_ce<T, M>(x, t);
+  const T m = s.p * (T(1) - t) + s.q * t;
+  const T mod = modulator<T, M, G>(m, prm.gamma);
+  const T p_minus_t = s.p * (T(1) - t) - s.q * t;  // p - t without cancellation at t = 1
+  const T dm_dx = s.p * s.q * (T(1) - T(2) * t);
+  return alpha_t(prm.alpha, t) *
+         (p_minus_t * mod + s.ce * dmodulator<T, M, G>(m, mod, prm.gamma) * dm_dx);
+}
+
+// Runs __VA_ARGS__ (a lambda body) with `G` bound to the call's Gamma kind as a
+// compile-time constant (C++17: no templated lambdas).
+#define RETINA_FAST_DISPATCH_GAMMA(kind, G, ...)                              \
+  switch (kind) {                                                            \
+    case ::retina_fast::focal::Gamma::Two: {                                 \
+      constexpr ::retina_fast::focal::Gamma G = ::retina_fast::focal::Gamma::Two; \
+      __VA_ARGS__();                                                         \
+      break;                                                                 \
+    }                                                                        \
+    case ::retina_fast::focal::Gamma::Zero: {                                \
+      constexpr ::retina_fast::focal::Gamma G = ::retina_fast::focal::Gamma::Zero; \
+      __VA_ARGS__();                                                         \
+      break;                                                                 \
+    }                                                                        \
+    case ::retina_fast::focal::Gamma::One: {                                 \
+      constexpr ::retina_fast::focal::Gamma G = ::retina_fast::focal::Gamma::One; \
+      __VA_ARGS__();                                                         \
+      break;                                                                 \
+    }                                                                        \
+    default: {                                                               \
+      constexpr ::retina_fast::focal::Gamma G = ::retina_fast::focal::Gamma::General; \
+      __VA_ARGS__();                                                         \
+      break;                                                                 \
+    }                                                                        \
+  }
+
+// Labels convention of sigmoid_focal_loss_labels.
+constexpr int64_t kBackground = -1;
+constexpr int64_t kIgnore = -2;
+
+}  // namespace focal
+}  // namespace retina_fast

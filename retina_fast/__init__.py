@@ -1,0 +1,12 @@
+"""retina_fast: a fast, exact RetinaNet for PyTorch.
+
+Importing the package loads the compiled kernels (``torch.ops.retina_fast.*``) and their
+fake/autograd registrations; ``retina_fast.ops`` holds the public op API.
+"""
+
+from retina_fast._C_loader import cuda_built
+from retina_fast import ops
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "cuda_built", "__version__"]

@@ -1,0 +1,10 @@
+"""Public op API. Where torchvision has the same function, ours takes the same signature and
+gives the same result, so ``from retina_fast.ops import X`` can replace
+``from torchvision.ops import X``."""
+
+from retina_fast.ops.focal_loss import sigmoid_focal_loss, sigmoid_focal_loss_labels
+
+__all__ = [
+    "sigmoid_focal_loss",
+    "sigmoid_focal_loss_labels",
+]

@@ -1,0 +1,191 @@
+"""Fused sigmoid focal loss (Lin et al. 2017), forward and backward each one pass.
+
+The forward saves nothing but references to its inputs; the backward re-reads the logits and
+the targets (or labels) and writes the gradient. No one-hot tensor is built for the labels form.
+"""
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+import retina_fast._C_loader  # noqa: F401  (registers torch.ops.retina_fast.*)
+
+__all__ = ["sigmoid_focal_loss", "sigmoid_focal_loss_labels"]
+
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+_ops = torch.ops.retina_fast
+
+
+def _reduction_code(reduction: str) -> int:
+    try:
+        return _REDUCTIONS[reduction]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Invalid Value for arg 'reduction': '{reduction}' \n "
+            "Supported reduction modes: 'none', 'mean', 'sum'"
+        ) from None
+
+
+def sigmoid_focal_loss(
+    inputs: Tensor,
+    targets: Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+) -> Tensor:
+    """Drop-in for :func:`torchvision.ops.sigmoid_focal_loss`, fused.
+
+    Args:
+        inputs (Tensor[...]): logits, float32/float64/float16/bfloat16, any shape.
+        targets (Tensor[...]): same shape, values in [0, 1] (1 positive, 0 negative).
+        alpha: weight of positives in (0, 1); ``alpha < 0`` disables the weighting.
+        gamma: focusing exponent, ``>= 0``.
+        reduction: ``'none'`` | ``'mean'`` | ``'sum'``.
+
+    Returns:
+        The loss, shaped like ``inputs`` (``'none'``) or a scalar, in the inputs' dtype.
+        Math runs in float32 for half/bfloat16 inputs (float64 for float64). Under
+        ``torch.autocast`` the op runs in float32, as ``binary_cross_entropy_with_logits``
+        (and so torchvision's version) does. Differentiable w.r.t. ``inputs`` only.
+    """
+    return _ops.sigmoid_focal_loss(inputs, targets, float(alpha), float(gamma), _reduction_code(reduction))
+
+
+def _check_label_range(logits: Tensor, labels: Tensor) -> None:
+    # The CPU kernel validates labels in its own pass; on CUDA that would need a device->host
+    # sync inside the op, so the check happens here, once, where eager code can afford it.
+    if labels.is_cuda and labels.numel() and not torch.compiler.is_compiling():
+        K = logits.shape[-1] if logits.dim() == 2 else 0
+        lo, hi = torch.aminmax(labels)
+        lo, hi = int(lo), int(hi)
+        if lo < -2 or hi >= K:
+            bad = lo if lo < -2 else hi
+            raise RuntimeError(
+                "retina_fast::sigmoid_focal_loss_labels: expected every label in [0, K) = "
+                f"[0, {K}) (foreground), -1 (background) or -2 (ignored), got a label {bad}"
+            )
+
+
+def sigmoid_focal_loss_labels(
+    logits: Tensor,
+    labels: Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "sum",
+    normalizer: Optional[Union[float, Tensor]] = None,
+    label_smoothing: float = 0.0,
+    check_labels: bool = True,
+) -> Tensor:
+    """Sigmoid focal loss of ``logits`` against integer labels, never building a one-hot.
+
+    Args:
+        logits (Tensor[N, K]): class logits of N anchors, float32/float64/float16/bfloat16.
+        labels (Tensor[N], int64): ``[0, K)`` foreground class, ``-1`` background (all K
+            targets 0), ``-2`` ignored (zero loss and zero gradient), as ``match_anchors``
+            gives them.
+        alpha, gamma: as in :func:`sigmoid_focal_loss`.
+        reduction: ``'none'`` (Tensor[N, K] in the logits' dtype), ``'sum'``, or ``'mean'``
+            (the sum divided by K times the number of non-ignored rows; NaN if there are
+            none, as ``torch.mean`` of nothing).
+        normalizer: float or 0-d tensor the result is divided by (e.g. the number of
+            foreground anchors).
+        label_smoothing: ``eps`` in [0, 1]: targets become ``1 - eps/2`` and ``eps/2``.
+        check_labels: on CUDA, validate the label range first (one device sync). The CPU
+            kernel always validates, at no extra cost. Labels out of range never read
+            memory out of bounds; unchecked, they behave as background.
+
+    Returns:
+        The loss; reduced results are float32 (float64 for float64 logits) whatever the
+        logits' dtype, since a sum over millions of half elements overflows half.
+    """
+    code = _reduction_code(reduction)
+    if check_labels:
+        _check_label_range(logits, labels)
+    loss = _ops.sigmoid_focal_loss_labels(logits, labels, float(alpha), float(gamma), code, float(label_smoothing))
+    if normalizer is not None:
+        loss = loss / normalizer
+    return loss
+
+
+# ---------------------------------------------------------------- fake (meta) kernels
+
+
+def _reduced_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("retina_fast::sigmoid_focal_loss")
+def _dense_fake(inputs, targets, alpha, gamma, reduction):
+    torch._check(inputs.shape == targets.shape, lambda: "targets must have the shape of inputs")
+    if reduction == 0:
+        return inputs.new_empty(inputs.shape)
+    return inputs.new_empty(())
+
+
+@torch.library.register_fake("retina_fast::sigmoid_focal_loss_backward")
+def _dense_bwd_fake(grad, inputs, targets, alpha, gamma, reduction):
+    return inputs.new_empty(inputs.shape)
+
+
+@torch.library.register_fake("retina_fast::sigmoid_focal_loss_labels")
+def _labels_fake(logits, labels, alpha, gamma, reduction, label_smoothing):
+    torch._check(logits.dim() == 2, lambda: "logits must be [N, K]")
+    torch._check(labels.dim() == 1 and labels.shape[0] == logits.shape[0], lambda: "labels must be [N]")
+    if reduction == 0:
+        return logits.new_empty(logits.shape)
+    return logits.new_empty((), dtype=_reduced_dtype(logits.dtype))
+
+
+@torch.library.register_fake("retina_fast::sigmoid_focal_loss_labels_backward")
+def _labels_bwd_fake(grad, logits, labels, alpha, gamma, reduction, label_smoothing):
+    return logits.new_empty(logits.shape)
+
+
+# ---------------------------------------------------------------- autograd
+
+
+def _dense_setup(ctx, inputs, output):
+    x, t, alpha, gamma, reduction = inputs
+    ctx.save_for_backward(x, t)
+    ctx.args = (alpha, gamma, reduction)
+
+
+def _dense_backward(ctx, grad):
+    x, t = ctx.saved_tensors
+    if ctx.needs_input_grad[1]:
+        raise NotImplementedError(
+            "retina_fast.ops.sigmoid_focal_loss: the gradient with respect to targets is not "
+            "implemented; detach the targets (or use torchvision.ops.sigmoid_focal_loss)"
+        )
+    gx = None
+    if ctx.needs_input_grad[0]:
+        gx = _ops.sigmoid_focal_loss_backward(grad, x, t, *ctx.args)
+    return gx, None, None, None, None
+
+
+def _labels_setup(ctx, inputs, output):
+    logits, labels, alpha, gamma, reduction, label_smoothing = inputs
+    ctx.save_for_backward(logits, labels)
+    ctx.args = (alpha, gamma, reduction, label_smoothing)
+
+
+def _labels_backward(ctx, grad):
+    logits, labels = ctx.saved_tensors
+    gx = None
+    if ctx.needs_input_grad[0]:
+        gx = _ops.sigmoid_focal_loss_labels_backward(grad, logits, labels, *ctx.args)
+    return gx, None, None, None, None, None
+
+
+torch.library.register_autograd("retina_fast::sigmoid_focal_loss", _dense_backward, setup_context=_dense_setup)
+torch.library.register_autograd(
+    "retina_fast::sigmoid_focal_loss_labels", _labels_backward, setup_context=_labels_setup
+)
+
+# Under autocast the dense op runs in float32, like binary_cross_entropy_with_logits (so the
+# result equals torchvision's under autocast). The labels op reads half/bfloat16 natively
+# (float32 math, float32 reductions): upcasting [N, K] logits would cost a full copy.
+for _device in ("cpu", "cuda"):
+    torch.library.register_autocast("retina_fast::sigmoid_focal_loss", _device, torch.float32)

@@ -1,0 +1,165 @@
+"""Build retina_fast._C: a CUDAExtension when a CUDA toolkit is found (or FORCE_CUDA=1),
+a CppExtension otherwise (or with FORCE_CUDA=0).
+
+The toolkit is located without the user's help: CUDA_HOME / CUDA_PATH when they point at a
+toolkit, else the directory the real nvcc runs from (asked of nvcc itself, because nvcc on
+PATH may be a wrapper script: torch's own guess, the parent of the PATH entry, is then wrong),
+else /usr/local/cuda. Headers that torch's CUDA headers include but a bare toolkit lacks
+(cusparse.h, cublas_v2.h, ...) come from the nvidia-* wheels that a CUDA build of torch
+installs (site-packages/nvidia/cu13/include, or nvidia/*/include for CUDA 12 wheels).
+"""
+
+import glob
+import os
+import shutil
+import site
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _is_toolkit(path):
+    return bool(path) and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h")) and (
+        os.path.isfile(os.path.join(path, "bin", "nvcc"))
+    )
+
+
+def find_cuda_home():
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if _is_toolkit(os.environ.get(var)):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        # `nvcc --dryrun` prints `#$ _HERE_=<dir of the real nvcc binary>`.
+        try:
+            out = subprocess.run(
+                [nvcc, "--dryrun", "-E", "-x", "cu", os.devnull],
+                capture_output=True, text=True, timeout=60,
+            )
+            for line in (out.stdout + out.stderr).splitlines():
+                if line.startswith("#$ _HERE_="):
+                    cand = os.path.dirname(os.path.realpath(line.split("=", 1)[1].strip()))
+                    if _is_toolkit(cand):
+                        return cand
+        except (OSError, subprocess.SubprocessError):
+            pass
+        cand = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if _is_toolkit(cand):
+            return cand
+    if _is_toolkit("/usr/local/cuda"):
+        return os.path.realpath("/usr/local/cuda")
+    return None
+
+
+def nvidia_wheel_includes():
+    roots = []
+    try:
+        roots += site.getsitepackages()
+    except AttributeError:  # some virtualenvs
+        pass
+    roots.append(site.getusersitepackages() if hasattr(site, "getusersitepackages") else "")
+    try:
+        import torch
+
+        roots.append(os.path.dirname(os.path.dirname(torch.__file__)))
+    except ImportError:
+        pass
+    dirs = []
+    for r in roots:
+        if not r:
+            continue
+        for d in sorted(glob.glob(os.path.join(r, "nvidia", "cu*", "include"))) + sorted(
+            glob.glob(os.path.join(r, "nvidia", "*", "include"))
+        ):
+            d = os.path.realpath(d)
+            if os.path.isdir(d) and d not in dirs:
+                dirs.append(d)
+    return dirs
+
+
+def want_cuda(cuda_home):
+    force = os.environ.get("FORCE_CUDA")
+    if force == "0":
+        return False
+    import torch
+
+    if torch.version.cuda is None:
+        if force == "1":
+            sys.exit("FORCE_CUDA=1 but the installed torch is a CPU-only build "
+                     f"(torch {torch.__version__}); install a CUDA build of torch.")
+        return False
+    if cuda_home is None:
+        if force == "1":
+            sys.exit("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to the "
+                     "toolkit root (the directory holding bin/nvcc and include/cuda_runtime.h).")
+        return False
+    return True
+
+
+def make_extension():
+    cuda_home = find_cuda_home()
+    if cuda_home:
+        # torch.utils.cpp_extension reads CUDA_HOME once, at import.
+        os.environ["CUDA_HOME"] = cuda_home
+    use_cuda = want_cuda(cuda_home)
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    cu_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
+    cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    define_macros = [("RETINA_FAST_PYTHON_MODULE", "1")]
+    if use_cuda:
+        nvcc = [
+            "-O3",
+            "-lineinfo",
+            "--expt-relaxed-constexpr",
+            # IoU ties are compared with ==: no FMA contraction anywhere, so CUDA,
+            # the CPU kernel and torchvision round identically.
+            "-fmad=false",
+            "-Xcompiler=-ffp-contract=off",
+        ]
+        ext = CUDAExtension(
+            "retina_fast._C",
+            sources + cu_sources,
+            include_dirs=include_dirs + nvidia_wheel_includes(),
+            define_macros=define_macros + [("RETINA_FAST_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        )
+    else:
+        ext = CppExtension(
+            "retina_fast._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx},
+        )
+    print(f"retina_fast: building with CUDA={use_cuda} (CUDA_HOME={cuda_home}, "
+          f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})")
+    return ext, BuildExtension
+
+
+ext, build_ext = make_extension()
+
+setup(
+    name="retina_fast",
+    version="0.1.0",
+    description="Fast, exact RetinaNet for PyTorch: fused focal loss, anchor matching, NMS kernels",
+    packages=find_packages(include=["retina_fast", "retina_fast.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11", "torchvision>=0.26", "numpy"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "expecttest"],
+        "coco": ["pycocotools", "pillow", "matplotlib", "tqdm"],
+    },
+    ext_modules=[ext],
+    cmdclass={"build_ext": build_ext.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["retina-fast=retina_fast.cli:main"]},
+    zip_safe=False,
+)
