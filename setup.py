@@ -112,7 +112,9 @@ def make_extension():
 
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     cu_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
-    cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+    # -fno-trapping-math lets GCC if-convert (and so vectorise) loops with ?: on floats;
+    # -ffp-contract=off keeps a*b+c rounded twice, as torch computes it (bitwise parity).
+    cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = [("RETINA_FAST_PYTHON_MODULE", "1")]
     if use_cuda:
@@ -123,7 +125,7 @@ def make_extension():
             # IoU ties are compared with ==: no FMA contraction anywhere, so CUDA,
             # the CPU kernel and torchvision round identically.
             "-fmad=false",
-            "-Xcompiler=-ffp-contract=off",
+            "-Xcompiler=-ffp-contract=off,-fno-trapping-math",
         ]
         ext = CUDAExtension(
             "retina_fast._C",

@@ -10,15 +10,17 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/host_device.h"
+
 namespace retina_fast {
 
 namespace detail {
-inline float bits_to_float(int32_t i) {
+HOST_DEVICE_INLINE float bits_to_float(int32_t i) {
   float f;
   std::memcpy(&f, &i, sizeof f);
   return f;
 }
-inline int32_t float_to_bits(float f) {
+HOST_DEVICE_INLINE int32_t float_to_bits(float f) {
   int32_t i;
   std::memcpy(&i, &f, sizeof i);
   return i;
@@ -26,7 +28,7 @@ inline int32_t float_to_bits(float f) {
 }  // namespace detail
 
 struct FastMath {
-  static inline float exp(float x) {
+  static HOST_DEVICE_INLINE float exp(float x) {
     // exp(x) = 2^n exp(r), n = round(x / ln2), |r| <= ln2 / 2.
     // Domain: accurate for x <= 88 (every caller passes x <= 0); x > 88 gives +inf.
     const float xc = x > 88.0f ? 88.0f : (x < -87.3365478515625f ? -87.3365478515625f : x);
@@ -51,7 +53,7 @@ struct FastMath {
   }
 
   // Natural log for x > 0 normal; x == 0 -> -inf, x < 0 or NaN -> NaN.
-  static inline float log(float x) {
+  static HOST_DEVICE_INLINE float log(float x) {
     const int32_t bits = detail::float_to_bits(x);
     int32_t e = ((bits >> 23) & 0xff) - 126;
     float m = detail::bits_to_float((bits & 0x807fffff) | 0x3f000000);  // [0.5, 1)
@@ -78,30 +80,27 @@ struct FastMath {
     return (x < 0.0f || x != x) ? NAN : res;
   }
 
-  // log(1 + x) for x >= -1, accurate for tiny x: log(u) * x / (u - 1), u = 1 + x
-  // (the rounding error of u cancels in the ratio).
-  static inline float log1p(float x) {
-    const float u = 1.0f + x;
-    const float d = u - 1.0f;
-    const float safe_d = d == 0.0f ? 1.0f : d;
-    const float r = log(u) * (x / safe_d);
-    const float res = d == 0.0f ? x : r;
-    return u == INFINITY ? INFINITY : res;
+  // log1p(e) for e >= 0, given inv = 1 / (1 + e) (the sigmoid already computed it):
+  // log(u) + (e - (u - 1)) / u with u = fl(1 + e) corrects u's rounding error to first order,
+  // so tiny e gives e, not 0. No division of its own.
+  static HOST_DEVICE_INLINE float log1p_given_inv(float e, float inv) {
+    const float u = 1.0f + e;
+    return log(u) + (e - (u - 1.0f)) * inv;
   }
 };
 
 struct StdMath {
   template <typename T>
-  static inline T exp(T x) {
+  static HOST_DEVICE_INLINE T exp(T x) {
     return std::exp(x);
   }
   template <typename T>
-  static inline T log(T x) {
+  static HOST_DEVICE_INLINE T log(T x) {
     return std::log(x);
   }
   template <typename T>
-  static inline T log1p(T x) {
-    return std::log1p(x);
+  static HOST_DEVICE_INLINE T log1p_given_inv(T e, T /*inv*/) {
+    return std::log1p(e);
   }
 };
 

@@ -6,7 +6,13 @@
 #define HOST_DEVICE_INLINE __host__ __device__ __forceinline__
 #else
 #define HOST_DEVICE
+// Forced: the CPU kernels rely on the per-element math inlining into their loops so the
+// compiler can vectorise them (a call left in the loop body blocks that).
+#if defined(__GNUC__) || defined(__clang__)
+#define HOST_DEVICE_INLINE inline __attribute__((always_inline))
+#else
 #define HOST_DEVICE_INLINE inline
+#endif
 #endif
 
 namespace retina_fast {

@@ -39,23 +39,29 @@ constexpr int64_t kBlock = 16384;  // elements per reduction block and per paral
 // column of a row but one shares it).
 
 template <Gamma G>
-inline void loss_span(const float* x, const float* t, float tc, float* out, int64_t n,
+HOST_DEVICE_INLINE void loss_span(const float* x, const float* t, float tc, float* out, int64_t n,
                       Params<float> p) {
   if (t) {
     for (int64_t i = 0; i < n; ++i) out[i] = loss<float, FastMath, G>(x[i], t[i], p);
+  } else if (tc == 0.0f) {
+    for (int64_t i = 0; i < n; ++i) out[i] = loss_t0<float, FastMath, G>(x[i], p);
   } else {
     for (int64_t i = 0; i < n; ++i) out[i] = loss<float, FastMath, G>(x[i], tc, p);
   }
 }
 
 template <Gamma G>
-inline void grad_span(const float* x, const float* t, float tc, const float* g, float gs,
+HOST_DEVICE_INLINE void grad_span(const float* x, const float* t, float tc, const float* g, float gs,
                       float* out, int64_t n, Params<float> p) {
   // out = gs * (g ? g[i] : 1) * dloss/dx
   if (t && g) {
     for (int64_t i = 0; i < n; ++i) out[i] = gs * g[i] * dloss<float, FastMath, G>(x[i], t[i], p);
   } else if (t) {
     for (int64_t i = 0; i < n; ++i) out[i] = gs * dloss<float, FastMath, G>(x[i], t[i], p);
+  } else if (tc == 0.0f && g) {
+    for (int64_t i = 0; i < n; ++i) out[i] = gs * g[i] * dloss_t0<float, FastMath, G>(x[i], p);
+  } else if (tc == 0.0f) {
+    for (int64_t i = 0; i < n; ++i) out[i] = gs * dloss_t0<float, FastMath, G>(x[i], p);
   } else if (g) {
     for (int64_t i = 0; i < n; ++i) out[i] = gs * g[i] * dloss<float, FastMath, G>(x[i], tc, p);
   } else {
@@ -65,15 +71,27 @@ inline void grad_span(const float* x, const float* t, float tc, const float* g, 
 
 RF_TARGET_CLONES void loss_span_f32(const float* x, const float* t, float tc, float* out,
                                     int64_t n, float alpha, float gamma, Gamma kind) {
+  // An explicit switch, not a lambda: the span loops must inline into each clone before
+  // vectorisation, so the AVX2 clone gets 32-byte vectors.
   const Params<float> p{alpha, gamma};
-  RETINA_FAST_DISPATCH_GAMMA(kind, G, [&] { loss_span<G>(x, t, tc, out, n, p); });
+  switch (kind) {
+    case Gamma::Two: loss_span<Gamma::Two>(x, t, tc, out, n, p); break;
+    case Gamma::Zero: loss_span<Gamma::Zero>(x, t, tc, out, n, p); break;
+    case Gamma::One: loss_span<Gamma::One>(x, t, tc, out, n, p); break;
+    default: loss_span<Gamma::General>(x, t, tc, out, n, p); break;
+  }
 }
 
 RF_TARGET_CLONES void grad_span_f32(const float* x, const float* t, float tc, const float* g,
                                     float gs, float* out, int64_t n, float alpha, float gamma,
                                     Gamma kind) {
   const Params<float> p{alpha, gamma};
-  RETINA_FAST_DISPATCH_GAMMA(kind, G, [&] { grad_span<G>(x, t, tc, g, gs, out, n, p); });
+  switch (kind) {
+    case Gamma::Two: grad_span<Gamma::Two>(x, t, tc, g, gs, out, n, p); break;
+    case Gamma::Zero: grad_span<Gamma::Zero>(x, t, tc, g, gs, out, n, p); break;
+    case Gamma::One: grad_span<Gamma::One>(x, t, tc, g, gs, out, n, p); break;
+    default: grad_span<Gamma::General>(x, t, tc, g, gs, out, n, p); break;
+  }
 }
 
 // Sum of n floats in 16 independent lanes (vectorisable without reassociation), then double.

@@ -27,10 +27,10 @@ using cuda::kThreads;
 struct CudaMath {
   __device__ static __forceinline__ float exp(float x) { return ::expf(x); }
   __device__ static __forceinline__ float log(float x) { return ::logf(x); }
-  __device__ static __forceinline__ float log1p(float x) { return ::log1pf(x); }
+  __device__ static __forceinline__ float log1p_given_inv(float e, float) { return ::log1pf(e); }
   __device__ static __forceinline__ double exp(double x) { return ::exp(x); }
   __device__ static __forceinline__ double log(double x) { return ::log(x); }
-  __device__ static __forceinline__ double log1p(double x) { return ::log1p(x); }
+  __device__ static __forceinline__ double log1p_given_inv(double e, double) { return ::log1p(e); }
 };
 
 template <typename scalar_t>
@@ -189,6 +189,18 @@ __global__ void backward_dense_vec_kernel(const scalar_t* __restrict__ x,
 
 // ------------------------------------------------------------------ host side
 
+// 0-d int64 tensor on the device: the number of non-ignored rows (the labels' mean divisor).
+at::Tensor count_valid_rows(const at::Tensor& labels, cudaStream_t stream) {
+  at::Tensor count = at::zeros({}, labels.options());
+  const int64_t n = labels.numel();
+  if (n == 0) return count;
+  count_valid_kernel<<<cuda::grid_for(n), kThreads, 0, stream>>>(
+      labels.const_data_ptr<int64_t>(), n,
+      reinterpret_cast<unsigned long long*>(count.mutable_data_ptr<int64_t>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return count;
+}
+
 template <typename scalar_t>
 bool can_vectorize(int64_t n, std::initializer_list<const void*> ptrs) {
   if (n % kVec != 0) return false;
@@ -228,29 +240,22 @@ at::Tensor launch_forward(const at::Tensor& x, const at::Tensor& t_dense, Target
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (reduction == kNone) return out;
-  at::Tensor result = at::empty({}, x.options().dtype(red_dtype));
+  at::Tensor result = at::empty({}, partials.options());
   at::Tensor count;
   double divisor = 1.0;
   if (reduction == kMean) {
     if (labels_for_mean.defined()) {
-      count = at::zeros({}, labels_for_mean.options());
-      const int64_t nl = labels_for_mean.numel();
-      count_valid_kernel<<<cuda::grid_for(nl), kThreads, 0, stream>>>(
-          labels_for_mean.const_data_ptr<int64_t>(), nl,
-          reinterpret_cast<unsigned long long*>(count.mutable_data_ptr<int64_t>()));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      count = count_valid_rows(labels_for_mean, stream);
       divisor = double(K);
     } else {
       divisor = double(n);  // n == 0: 0 / 0 = NaN, as torch.mean of nothing
     }
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, red_dtype, "focal_finish", [&] {
-    using out_t = scalar_t;
-    finish_sum_kernel<acc_t, out_t><<<1, 1024, 0, stream>>>(
-        pp, blocks, count.defined() ? count.const_data_ptr<int64_t>() : nullptr,
-        reduction == kMean ? divisor : 1.0, result.mutable_data_ptr<out_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  finish_sum_kernel<acc_t, acc_t><<<1, 1024, 0, stream>>>(
+      pp, blocks, count.defined() ? count.const_data_ptr<int64_t>() : nullptr,
+      reduction == kMean ? divisor : 1.0, result.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  result = result.to(red_dtype);  // no-op unless the dense op's output is half/bfloat16
   return result;
 }
 
@@ -273,12 +278,7 @@ at::Tensor launch_backward(const at::Tensor& grad, const at::Tensor& x, const at
     gs = grad.reshape({}).to(at::kFloat);
     if (reduction == kMean) {
       if (labels_for_mean.defined()) {
-        count = at::zeros({}, labels_for_mean.options());
-        const int64_t nl = labels_for_mean.numel();
-        count_valid_kernel<<<cuda::grid_for(nl), kThreads, 0, stream>>>(
-            labels_for_mean.const_data_ptr<int64_t>(), nl,
-            reinterpret_cast<unsigned long long*>(count.mutable_data_ptr<int64_t>()));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        count = count_valid_rows(labels_for_mean, stream);
         div = double(K);
       } else {
         div = double(n);

@@ -1,6 +1,7 @@
 #pragma once
 // Sigmoid focal loss for one element, and its derivative with respect to the logit, written
-// once for the CPU and CUDA kernels. `M` supplies exp/log/log1p so that each side can use
+// once for the CPU and CUDA kernels. `M` supplies exp, log and log1p_given_inv(e, 1/(1+e))
+// (= log1p(e)) so that each side can use
 // its fastest accurate functions (vectorisable polynomials on the CPU, libdevice on CUDA).
 //
 // With p = sigmoid(x), q = 1 - p, t the target in [0, 1]:
@@ -56,24 +57,26 @@ HOST_DEVICE_INLINE T dmodulator(T m, T mod, T gamma) {
   return m > T(0) ? gamma * mod / m : T(0);
 }
 
-// Shared front half of the loss and gradient.
-template <typename T, typename M>
+// Shared front half of the loss and gradient: p, q, max(x, 0) and log1p(e). The cross-entropy
+// is formed as (max(x,0) - x t) + log1p(e): at t = 1 the first bracket cancels exactly and the
+// small log1p term survives (x + log1p(e) - x would round it away).
+template <typename T>
 struct Sig {
-  T p, q, ce;
+  T p, q, relu, l1p;
 };
 
 template <typename T, typename M>
-HOST_DEVICE_INLINE Sig<T, M> sig_ce(T x, T t) {
+HOST_DEVICE_INLINE Sig<T> sigmoid_parts(T x) {
   const T ax = x < T(0) ? -x : x;
   const T e = M::exp(-ax);
   const T inv = T(1) / (T(1) + e);
   const bool pos = x >= T(0);
-  Sig<T, M> s;
+  Sig<T> s;
   s.p = pos ? inv : e * inv;
   s.q = pos ? e * inv : inv;
-  // NaN logits: x >= 0 is false, e is NaN, so p, q and ce are NaN (they propagate).
-  const T relu = x > T(0) ? x : T(0);
-  s.ce = relu - x * t + M::log1p(e);
+  // NaN logits: x >= 0 is false, e is NaN, so p, q and softplus are NaN (they propagate).
+  s.relu = x > T(0) ? x : T(0);
+  s.l1p = M::log1p_given_inv(e, inv);
   return s;
 }
 
@@ -84,20 +87,40 @@ HOST_DEVICE_INLINE T alpha_t(T alpha, T t) {
 
 template <typename T, typename M, Gamma G>
 HOST_DEVICE_INLINE T loss(T x, T t, Params<T> prm) {
-  const Sig<T, M> s = sig_ce<T, M>(x, t);
+  const Sig<T> s = sigmoid_parts<T, M>(x);
+  const T ce = (s.relu - x * t) + s.l1p;
   const T m = s.p * (T(1) - t) + s.q * t;
-  return alpha_t(prm.alpha, t) * s.ce * modulator<T, M, G>(m, prm.gamma);
+  return alpha_t(prm.alpha, t) * ce * modulator<T, M, G>(m, prm.gamma);
 }
 
 template <typename T, typename M, Gamma G>
 HOST_DEVICE_INLINE T dloss(T x, T t, Params<T> prm) {
-  const Sig<T, M> s = sig_ce<T, M>(x, t);
+  const Sig<T> s = sigmoid_parts<T, M>(x);
+  const T ce = (s.relu - x * t) + s.l1p;
   const T m = s.p * (T(1) - t) + s.q * t;
   const T mod = modulator<T, M, G>(m, prm.gamma);
   const T p_minus_t = s.p * (T(1) - t) - s.q * t;  // p - t without cancellation at t = 1
   const T dm_dx = s.p * s.q * (T(1) - T(2) * t);
   return alpha_t(prm.alpha, t) *
-         (p_minus_t * mod + s.ce * dmodulator<T, M, G>(m, mod, prm.gamma) * dm_dx);
+         (p_minus_t * mod + ce * dmodulator<T, M, G>(m, mod, prm.gamma) * dm_dx);
+}
+
+// The same two functions at t = 0 (every background column of the labels form, without
+// label smoothing: ~99 % of a detector's elements). The compiler may not drop `x * 0` (inf, NaN),
+// so the algebra is done here: ce = softplus(x), m = p, p - t = p, dm/dx = p q.
+template <typename T, typename M, Gamma G>
+HOST_DEVICE_INLINE T loss_t0(T x, Params<T> prm) {
+  const Sig<T> s = sigmoid_parts<T, M>(x);
+  const T a = prm.alpha >= T(0) ? T(1) - prm.alpha : T(1);
+  return a * (s.relu + s.l1p) * modulator<T, M, G>(s.p, prm.gamma);
+}
+
+template <typename T, typename M, Gamma G>
+HOST_DEVICE_INLINE T dloss_t0(T x, Params<T> prm) {
+  const Sig<T> s = sigmoid_parts<T, M>(x);
+  const T a = prm.alpha >= T(0) ? T(1) - prm.alpha : T(1);
+  const T mod = modulator<T, M, G>(s.p, prm.gamma);
+  return a * (s.p * mod + (s.relu + s.l1p) * dmodulator<T, M, G>(s.p, mod, prm.gamma) * (s.p * s.q));
 }
 
 // Runs __VA_ARGS__ (a lambda body) with `G` bound to the call's Gamma kind as a

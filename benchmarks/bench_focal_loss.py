@@ -1,0 +1,156 @@
+"""Focal loss forward + backward: retina_fast (dense and labels forms) vs torchvision vs the
+reference, same inputs, same run.
+
+    python -m pytest benchmarks/bench_focal_loss.py --benchmark-only \
+        --benchmark-group-by=param:shape --benchmark-columns=median,iqr,rounds
+
+Shapes are RetinaNet's: N = batch x anchors per image (~30k at 512 px, ~120k at 800 px),
+K = 80 classes, ~1 % foreground, ~1 % ignored. CPU runs the 512 px shapes; CUDA (when present)
+runs batch 16 at 800 px. CUDA timings synchronise inside the timed call.
+
+Peak memory (test_peak_memory_*): each implementation runs forward + backward once in a fresh
+subprocess; we report its peak resident set size (getrusage ru_maxrss) minus that of a
+subprocess that only builds the same inputs. The difference is the memory the loss itself
+needed at its peak (on CUDA: torch.cuda.max_memory_allocated over the inputs' bytes).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+import retina_fast
+from retina_fast.ops import _reference as ref
+from retina_fast.ops import sigmoid_focal_loss, sigmoid_focal_loss_labels
+
+K = 80
+CPU_SHAPES = {"4x30k": 4 * 30_000, "16x30k": 16 * 30_000}
+CUDA_SHAPES = {"16x120k": 16 * 120_000}
+HAS_CUDA = torch.cuda.is_available() and retina_fast.cuda_built()
+
+
+def make_inputs(n, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, K, generator=g) * 2 - 4).to(device=device, dtype=dtype)
+    labels = torch.full((n,), -1, dtype=torch.long)
+    r = torch.rand(n, generator=g)
+    fg = r < 0.01
+    labels[fg] = torch.randint(0, K, (int(fg.sum()),), generator=g)
+    labels[(r >= 0.01) & (r < 0.02)] = -2
+    labels = labels.to(device)
+    valid = labels != -2
+    # what torchvision's RetinaNet builds: a one-hot over the valid anchors
+    onehot = torch.zeros(n, K, dtype=dtype, device=device)
+    fgi = (labels >= 0).nonzero().squeeze(1)
+    onehot[fgi, labels[fgi]] = 1
+    return logits, labels, valid, onehot
+
+
+def impl_ours_labels(logits, labels, valid, onehot):
+    x = logits.detach().requires_grad_()
+    loss = sigmoid_focal_loss_labels(x, labels, reduction="sum")
+    loss.backward()
+    return x.grad
+
+
+def impl_ours_dense(logits, labels, valid, onehot):
+    x = logits.detach().requires_grad_()
+    loss = sigmoid_focal_loss(x[valid], onehot[valid], reduction="sum")
+    loss.backward()
+    return x.grad
+
+
+def impl_torchvision(logits, labels, valid, onehot):
+    # exactly what torchvision's RetinaNetClassificationHead.compute_loss does per batch
+    x = logits.detach().requires_grad_()
+    loss = torchvision.ops.sigmoid_focal_loss(x[valid], onehot[valid], reduction="sum")
+    loss.backward()
+    return x.grad
+
+
+def impl_reference(logits, labels, valid, onehot):
+    x = logits.detach().requires_grad_()
+    loss = ref.sigmoid_focal_loss_labels(x, labels, reduction="sum")
+    loss.backward()
+    return x.grad
+
+
+IMPLS = {
+    "retina_fast_labels": impl_ours_labels,
+    "retina_fast_dense": impl_ours_dense,
+    "torchvision": impl_torchvision,
+    "reference": impl_reference,
+}
+
+PARAMS = [("cpu", s, i) for s in CPU_SHAPES for i in IMPLS]
+if HAS_CUDA:
+    PARAMS += [("cuda", s, i) for s in CUDA_SHAPES for i in IMPLS]
+
+
+@pytest.mark.parametrize("device,shape,impl", PARAMS)
+def test_focal_fwd_bwd(benchmark, device, shape, impl):
+    n = {**CPU_SHAPES, **CUDA_SHAPES}[shape]
+    inputs = make_inputs(n, device)
+    fn = IMPLS[impl]
+    benchmark.group = f"focal fwd+bwd {device} {shape} K={K}"
+    benchmark.extra_info.update(device=device, n=n, k=K, threads=torch.get_num_threads())
+    if device == "cuda":
+        def run():
+            fn(*inputs)
+            torch.cuda.synchronize()
+        benchmark.pedantic(run, rounds=20, warmup_rounds=3)
+        # achieved bandwidth of our kernels: logits read twice (fwd, bwd), labels twice,
+        # gradient written once
+        if impl == "retina_fast_labels":
+            nbytes = n * K * 4 * 3 + n * 8 * 2
+            benchmark.extra_info["bytes_moved"] = nbytes
+    else:
+        benchmark.pedantic(fn, args=inputs, rounds=5, warmup_rounds=1)
+
+
+_MEM_SCRIPT = r"""
+import json, resource, sys, torch
+sys.path.insert(0, {root!r})
+import benchmarks.bench_focal_loss as b
+device, n, impl = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+inputs = b.make_inputs(n, device)
+if device == "cuda":
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+if impl != "none":
+    b.IMPLS[impl](*inputs)
+out = {{"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}
+if device == "cuda":
+    out["cuda_peak_extra"] = torch.cuda.max_memory_allocated() - base
+print(json.dumps(out))
+"""
+
+
+def _peak(device, n, impl):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = _MEM_SCRIPT.format(root=root)
+    res = subprocess.run([sys.executable, "-c", code, device, str(n), impl], capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("device,shape", [("cpu", "16x30k")] + ([("cuda", "16x120k")] if HAS_CUDA else []))
+def test_peak_memory(benchmark, device, shape):
+    """Peak extra memory of forward + backward, per implementation (MB), in extra_info."""
+    n = {**CPU_SHAPES, **CUDA_SHAPES}[shape]
+    base = _peak(device, n, "none")
+    report = {}
+    for impl in IMPLS:
+        p = _peak(device, n, impl)
+        if device == "cuda":
+            report[impl] = p["cuda_peak_extra"] / 2**20
+        else:
+            report[impl] = (p["maxrss_kb"] - base["maxrss_kb"]) / 1024
+    benchmark.group = f"focal peak memory {device} {shape}"
+    benchmark.extra_info.update({f"peak_extra_MB_{k}": round(v, 1) for k, v in report.items()})
+    benchmark.extra_info["method"] = "cuda max_memory_allocated" if device == "cuda" else "ru_maxrss delta vs inputs-only subprocess"
+    print(f"\npeak extra memory ({device}, {shape}, MB):", json.dumps({k: round(v, 1) for k, v in report.items()}))
+    benchmark.pedantic(lambda: None, rounds=1)

@@ -1,0 +1,420 @@
+"""Fused sigmoid focal loss: parity (torchvision, reference, float64 baseline), gradients,
+opcheck, torch.compile, bad input, CUDA vs CPU."""
+
+import math
+
+import pytest
+import torch
+import torchvision
+
+from retina_fast.ops import _reference as ref
+from retina_fast.ops import sigmoid_focal_loss, sigmoid_focal_loss_labels
+from tests.conftest import devices, requires_cuda
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+REDUCTIONS = ["none", "mean", "sum"]
+
+
+def _inputs(n, k, dtype, device="cpu", scale=4.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, k, generator=g, dtype=torch.float64) * scale)
+    t = (torch.rand(n, k, generator=g, dtype=torch.float64) < 0.1).to(torch.float64)
+    return x.to(device=device, dtype=dtype), t.to(device=device, dtype=dtype)
+
+
+def _labels(n, k, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    lab = torch.randint(-2, k, (n,), generator=g)
+    return lab.to(device)
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _tol(dtype, baseline_err, scale):
+    """Tolerance from the float64 baseline: twice the reference's own error in this dtype,
+    plus a few units of the dtype's resolution at the result's scale (our rounding differs
+    from torch's in the last bits). In float64 the "exact" value is itself float64 (the
+    reference's formula, not ours), so the slack is wider there: both sides carry error."""
+    eps = torch.finfo(dtype).eps
+    ulps = 64 if dtype == torch.float64 else 16
+    return 2.0 * baseline_err + ulps * eps * max(scale, 1e-30)
+
+
+# ------------------------------------------------------------------ dense (torchvision API)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1.0, 2.0), (0.5, 0.0), (0.25, 1.0), (0.75, 1.5)])
+def test_dense_matches_torchvision_and_float64(device, dtype, reduction, alpha, gamma):
+    x, t = _inputs(257, 13, dtype, device)
+    ours = sigmoid_focal_loss(x, t, alpha, gamma, reduction)
+    tv = torchvision.ops.sigmoid_focal_loss(x, t, alpha, gamma, reduction)
+    exact = ref.sigmoid_focal_loss(x.double(), t.double(), alpha, gamma, reduction)
+    assert ours.dtype == tv.dtype and ours.shape == tv.shape
+    base = _err(tv, exact)
+    scale = exact.abs().max().item()
+    assert _err(ours, exact) <= _tol(dtype, base, scale), (dtype, _err(ours, exact), base)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_dense_grad_matches_torchvision(device, dtype, reduction):
+    x, t = _inputs(129, 7, dtype, device, seed=1)
+    x1 = x.clone().requires_grad_()
+    x2 = x.clone().requires_grad_()
+    x3 = x.double().clone().requires_grad_()
+    w = torch.rand_like(x, dtype=torch.float64).to(dtype)  # non-trivial upstream grad
+    def run(f, xx, tt):
+        out = f(xx, tt, 0.25, 2.0, reduction)
+        return (out * w.to(out.dtype)).sum() if reduction == "none" else out * 1.7
+    (g1,) = torch.autograd.grad(run(sigmoid_focal_loss, x1, t), x1)
+    (g2,) = torch.autograd.grad(run(torchvision.ops.sigmoid_focal_loss, x2, t), x2)
+    (g3,) = torch.autograd.grad(run(ref.sigmoid_focal_loss, x3, t.double()), x3)
+    assert g1.dtype == dtype
+    base = _err(g2, g3)
+    assert _err(g1, g3) <= _tol(dtype, base, g3.abs().max().item())
+
+
+@pytest.mark.parametrize("device", devices())
+def test_dense_extreme_logits_finite(device):
+    # |x| = 100 in float32 (and 30 in float16): loss and gradient stay finite and right.
+    for dtype, big in [(torch.float32, 100.0), (torch.float16, 30.0), (torch.bfloat16, 100.0), (torch.float64, 700.0)]:
+        x = torch.tensor([-big, -big / 2, 0.0, big / 2, big], dtype=dtype, device=device)
+        for tv in (0.0, 1.0, 0.3):
+            t = torch.full_like(x, tv)
+            xx = x.clone().requires_grad_()
+            loss = sigmoid_focal_loss(xx, t, 0.25, 2.0, "none")
+            (g,) = torch.autograd.grad(loss.sum(), xx)
+            assert torch.isfinite(loss).all() and torch.isfinite(g).all(), (dtype, tv, loss, g)
+            exact = ref.sigmoid_focal_loss(x.double(), t.double(), 0.25, 2.0, "none")
+            assert torch.allclose(loss.double(), exact, rtol=1e-2, atol=1e-6), (dtype, tv, loss, exact)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_dense_empty_and_shapes(device):
+    for shape in [(0,), (0, 80), (5,), (2, 3, 4)]:
+        x = torch.randn(shape, device=device)
+        t = torch.rand(shape, device=device).round()
+        for red in REDUCTIONS:
+            ours = sigmoid_focal_loss(x, t, reduction=red)
+            tv = torchvision.ops.sigmoid_focal_loss(x, t, reduction=red)
+            torch.testing.assert_close(ours, tv, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_nan_propagates():
+    x = torch.tensor([0.5, float("nan"), -1.0])
+    t = torch.tensor([1.0, 0.0, 0.0])
+    out = sigmoid_focal_loss(x, t)
+    assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
+    assert torch.isnan(sigmoid_focal_loss(x, t, reduction="sum"))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_dense_non_contiguous_works(device):
+    x, t = _inputs(64, 40, torch.float32, device)
+    xs, ts = x[:, ::3], t[:, ::3]
+    assert not xs.is_contiguous()
+    torch.testing.assert_close(sigmoid_focal_loss(xs, ts), torchvision.ops.sigmoid_focal_loss(xs, ts))
+    xt = x.t()
+    torch.testing.assert_close(sigmoid_focal_loss(xt, t.t()), torchvision.ops.sigmoid_focal_loss(xt, t.t()))
+
+
+def test_dense_gradcheck_float64():
+    x, t = _inputs(6, 5, torch.float64, seed=3)
+    t = t * 0.8 + 0.1 * torch.rand_like(t)  # soft targets too
+    x.requires_grad_()
+    for red in REDUCTIONS:
+        for alpha, gamma in [(0.25, 2.0), (-1, 1.5), (0.3, 0.0), (0.25, 1.0)]:
+            assert torch.autograd.gradcheck(lambda xx: sigmoid_focal_loss(xx, t, alpha, gamma, red), (x,))
+
+
+def test_dense_target_grad_is_refused():
+    x = torch.randn(4, 3, requires_grad=True)
+    t = torch.rand(4, 3, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="targets"):
+        sigmoid_focal_loss(x, t, reduction="sum").backward()
+
+
+# ------------------------------------------------------------------ labels (fused form)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_labels_matches_reference_and_float64(device, dtype, reduction, label_smoothing):
+    x, _ = _inputs(301, 17, dtype, device, seed=5)
+    lab = _labels(301, 17, seed=5, device=device)
+    ours = sigmoid_focal_loss_labels(x, lab, 0.25, 2.0, reduction, label_smoothing=label_smoothing)
+    r = ref.sigmoid_focal_loss_labels(x, lab, 0.25, 2.0, reduction, label_smoothing=label_smoothing)
+    exact = ref.sigmoid_focal_loss_labels(x.double(), lab, 0.25, 2.0, reduction, label_smoothing=label_smoothing)
+    assert ours.shape == r.shape and ours.dtype == r.dtype
+    base = _err(r, exact)
+    assert _err(ours, exact) <= _tol(dtype, base, exact.abs().max().item())
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_labels_grad_matches_reference(device, dtype, reduction):
+    x, _ = _inputs(97, 11, dtype, device, seed=7)
+    lab = _labels(97, 11, seed=7, device=device)
+    x1 = x.clone().requires_grad_()
+    x3 = x.double().clone().requires_grad_()
+    w = torch.rand(97, 11, dtype=torch.float64, device=device)
+
+    def run(f, xx):
+        out = f(xx, lab, 0.25, 2.0, reduction, normalizer=3.0)
+        return (out * w.to(out.dtype)).sum() if reduction == "none" else out * 1.3
+
+    (g1,) = torch.autograd.grad(run(sigmoid_focal_loss_labels, x1), x1)
+    (g3,) = torch.autograd.grad(run(ref.sigmoid_focal_loss_labels, x3), x3)
+    xr = x.clone().requires_grad_()
+    (g2,) = torch.autograd.grad(run(ref.sigmoid_focal_loss_labels, xr), xr)
+    base = _err(g2, g3)
+    assert _err(g1, g3) <= _tol(dtype, base, g3.abs().max().item())
+    # ignored rows: exactly zero gradient
+    assert (g1[lab == -2] == 0).all()
+
+
+def test_labels_equals_dense_on_one_hot():
+    # The fused form is the dense form on the one-hot it never builds (minus ignored rows).
+    x, _ = _inputs(200, 9, torch.float32, seed=11)
+    lab = _labels(200, 9, seed=11)
+    t = ref.labels_to_targets(lab, 9, torch.float32)
+    dense = sigmoid_focal_loss(x, t, reduction="none") * (lab != -2)[:, None]
+    torch.testing.assert_close(sigmoid_focal_loss_labels(x, lab, reduction="none"), dense)
+    torch.testing.assert_close(sigmoid_focal_loss_labels(x, lab, reduction="sum"), dense.sum(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_labels_edge_cases(device):
+    x, _ = _inputs(50, 6, torch.float32, device)
+    ign = torch.full((50,), -2, dtype=torch.long, device=device)
+    bg = torch.full((50,), -1, dtype=torch.long, device=device)
+    # all ignored: zero loss, zero gradient; mean over nothing is NaN (as torch.mean)
+    xx = x.clone().requires_grad_()
+    s = sigmoid_focal_loss_labels(xx, ign, reduction="sum")
+    assert s.item() == 0.0
+    (g,) = torch.autograd.grad(s, xx)
+    assert (g == 0).all()
+    assert torch.isnan(sigmoid_focal_loss_labels(x, ign, reduction="mean"))
+    # no foreground: same as dense with zero targets
+    torch.testing.assert_close(sigmoid_focal_loss_labels(x, bg, reduction="none"), sigmoid_focal_loss(x, torch.zeros_like(x)))
+    # K = 1
+    x1 = x[:, :1].contiguous()
+    lab1 = torch.tensor([0, -1, -2] * 16 + [0, 0], device=device)
+    torch.testing.assert_close(
+        sigmoid_focal_loss_labels(x1, lab1, reduction="sum"), ref.sigmoid_focal_loss_labels(x1, lab1, reduction="sum")
+    )
+    # N = 0
+    e = torch.empty(0, 6, device=device)
+    el = torch.empty(0, dtype=torch.long, device=device)
+    assert sigmoid_focal_loss_labels(e, el, reduction="none").shape == (0, 6)
+    assert sigmoid_focal_loss_labels(e, el, reduction="sum").item() == 0.0
+    # huge logits
+    big = torch.tensor([[100.0, -100.0], [-100.0, 100.0]], device=device, requires_grad=True)
+    lab2 = torch.tensor([0, 0], device=device)
+    out = sigmoid_focal_loss_labels(big, lab2, reduction="sum")
+    (g,) = torch.autograd.grad(out, big)
+    assert torch.isfinite(out) and torch.isfinite(g).all()
+    torch.testing.assert_close(out.double(), ref.sigmoid_focal_loss_labels(big.detach().double(), lab2, reduction="sum"), rtol=1e-5, atol=1e-6)
+
+
+def test_labels_wide_rows_span_chunks():
+    # K larger than the CPU kernel's 1024-element chunk: the label column can sit in any chunk.
+    x, _ = _inputs(5, 2500, torch.float32, seed=2)
+    lab = torch.tensor([0, 1023, 1024, 2499, -1])
+    for red in REDUCTIONS:
+        torch.testing.assert_close(
+            sigmoid_focal_loss_labels(x, lab, reduction=red), ref.sigmoid_focal_loss_labels(x, lab, reduction=red),
+            rtol=2e-5, atol=1e-4,
+        )
+
+
+def test_labels_gradcheck_float64():
+    x, _ = _inputs(7, 4, torch.float64, seed=4)
+    lab = torch.tensor([0, -1, -2, 3, 1, -1, 2])
+    x.requires_grad_()
+    for red in REDUCTIONS:
+        for ls in (0.0, 0.2):
+            for alpha, gamma in [(0.25, 2.0), (-1.0, 0.5)]:
+                assert torch.autograd.gradcheck(
+                    lambda xx: sigmoid_focal_loss_labels(xx, lab, alpha, gamma, red, label_smoothing=ls), (x,)
+                )
+
+
+def test_labels_normalizer_tensor_and_float():
+    x, _ = _inputs(40, 5, torch.float32, seed=6)
+    lab = _labels(40, 5, seed=6)
+    s = sigmoid_focal_loss_labels(x, lab)
+    torch.testing.assert_close(sigmoid_focal_loss_labels(x, lab, normalizer=4.0), s / 4)
+    torch.testing.assert_close(sigmoid_focal_loss_labels(x, lab, normalizer=torch.tensor(4.0)), s / 4)
+
+
+def test_reduced_half_does_not_overflow():
+    # 2M half elements whose loss sums past 65504: the labels op returns float32.
+    x = torch.full((20000, 100), -1.0, dtype=torch.float16)
+    lab = torch.zeros(20000, dtype=torch.long)
+    s = sigmoid_focal_loss_labels(x, lab, reduction="sum")
+    assert s.dtype == torch.float32 and torch.isfinite(s)
+    exact = ref.sigmoid_focal_loss_labels(x.double(), lab, reduction="sum")
+    assert abs(s.item() - exact.item()) / exact.item() < 1e-3
+
+
+def test_deterministic_reduction():
+    x, _ = _inputs(3000, 80, torch.float32, seed=9)
+    lab = _labels(3000, 80, seed=9)
+    a = sigmoid_focal_loss_labels(x, lab)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        b = sigmoid_focal_loss_labels(x, lab)
+    finally:
+        torch.set_num_threads(n)
+    assert a.item() == b.item()  # bitwise: fixed blocks, fixed order, whatever the threads
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_input_errors():
+    x = torch.randn(10, 4)
+    lab = torch.zeros(10, dtype=torch.long)
+    with pytest.raises(ValueError, match="reduction"):
+        sigmoid_focal_loss(x, x, reduction="avg")
+    with pytest.raises(ValueError, match="reduction"):
+        sigmoid_focal_loss_labels(x, lab, reduction="avg")
+    with pytest.raises(RuntimeError, match="same shape"):
+        sigmoid_focal_loss(x, torch.zeros(10, 5))
+    with pytest.raises(RuntimeError, match="floating"):
+        sigmoid_focal_loss(x.long(), x)
+    with pytest.raises(RuntimeError, match=r"labels\[3\] = 4"):
+        sigmoid_focal_loss_labels(x, torch.tensor([0, 1, 2, 4, 0, 0, 0, 0, 0, 0]))
+    with pytest.raises(RuntimeError, match=r"got labels\[0\] = -3"):
+        sigmoid_focal_loss_labels(x, torch.full((10,), -3))
+    with pytest.raises(RuntimeError, match="int64"):
+        sigmoid_focal_loss_labels(x, lab.int())
+    with pytest.raises(RuntimeError, match=r"shape \[N\]"):
+        sigmoid_focal_loss_labels(x, torch.zeros(9, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"\[N, K\]"):
+        sigmoid_focal_loss_labels(x.flatten(), lab)
+    with pytest.raises(RuntimeError, match="gamma"):
+        sigmoid_focal_loss(x, x, gamma=-1.0)
+    with pytest.raises(RuntimeError, match="label_smoothing"):
+        sigmoid_focal_loss_labels(x, lab, label_smoothing=1.5)
+    # labels out of range in the backward pass (direct op call) are caught too
+    with pytest.raises(RuntimeError, match="expected every label"):
+        torch.ops.retina_fast.sigmoid_focal_loss_labels_backward(torch.ones(()), x, torch.full((10,), 7), 0.25, 2.0, 2, 0.0)
+
+
+@requires_cuda
+def test_bad_input_device_mismatch():
+    x = torch.randn(10, 4)
+    with pytest.raises(RuntimeError, match="same device"):
+        sigmoid_focal_loss_labels(x.cuda(), torch.zeros(10, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="same device"):
+        sigmoid_focal_loss(x, x.cuda())
+    with pytest.raises(RuntimeError, match="expected every label"):
+        sigmoid_focal_loss_labels(x.cuda(), torch.full((10,), 4, device="cuda"))
+
+
+# ------------------------------------------------------------------ opcheck / compile / autocast
+
+
+def test_opcheck():
+    x, t = _inputs(33, 5, torch.float32, seed=8)
+    lab = _labels(33, 5, seed=8)
+    for dev in devices():
+        xd, td, ld = x.to(dev), t.to(dev), lab.to(dev)
+        for red in (0, 1, 2):
+            torch.library.opcheck(torch.ops.retina_fast.sigmoid_focal_loss, (xd.requires_grad_(), td, 0.25, 2.0, red))
+            torch.library.opcheck(torch.ops.retina_fast.sigmoid_focal_loss_labels, (xd, ld, 0.25, 2.0, red, 0.0))
+            g = torch.ones_like(xd) if red == 0 else torch.tensor(1.0, device=dev)
+            torch.library.opcheck(torch.ops.retina_fast.sigmoid_focal_loss_backward, (g, xd.detach(), td, 0.25, 2.0, red))
+            torch.library.opcheck(
+                torch.ops.retina_fast.sigmoid_focal_loss_labels_backward, (g, xd.detach(), ld, 0.25, 2.0, red, 0.0)
+            )
+
+
+def test_torch_compile_fullgraph():
+    x, t = _inputs(64, 8, torch.float32, seed=12)
+    lab = _labels(64, 8, seed=12)
+
+    def f(x, t, lab):
+        return sigmoid_focal_loss(x, t, reduction="mean") + sigmoid_focal_loss_labels(x, lab, normalizer=5.0)
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    xx = x.clone().requires_grad_()
+    out = cf(xx, t, lab)
+    (g,) = torch.autograd.grad(out, xx)
+    xr = x.clone().requires_grad_()
+    expected = f(xr, t, lab)
+    (gr,) = torch.autograd.grad(expected, xr)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(g, gr)
+
+
+def test_autocast_runs_dense_in_float32():
+    x, t = _inputs(20, 4, torch.float16, seed=13)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sigmoid_focal_loss(x, t, reduction="sum")
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref.sigmoid_focal_loss(x.float(), t.float(), reduction="sum"))
+
+
+# ------------------------------------------------------------------ CUDA vs CPU
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cuda_matches_cpu(dtype, reduction):
+    x, t = _inputs(4099, 81, dtype, seed=21)  # odd sizes: vector body + scalar tail
+    lab = _labels(4099, 81, seed=21)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype in (torch.float32, torch.float64) else dict(rtol=1e-2, atol=1e-3)
+    for f, args in [(sigmoid_focal_loss, (t,)), (sigmoid_focal_loss_labels, (lab,))]:
+        xc = x.clone().requires_grad_()
+        xg = x.cuda().requires_grad_()
+        oc = f(xc, *args, reduction=reduction)
+        og = f(xg, *[a.cuda() for a in args], reduction=reduction)
+        torch.testing.assert_close(og.cpu(), oc, **tol)
+        w = torch.rand_like(oc)
+        (gc,) = torch.autograd.grad((oc * w).sum(), xc)
+        (gg,) = torch.autograd.grad((og * w.cuda()).sum(), xg)
+        torch.testing.assert_close(gg.cpu(), gc, **tol)
+
+
+@requires_cuda
+def test_cuda_gradcheck_and_misaligned():
+    x, t = _inputs(6, 5, torch.float64, "cuda", seed=3)
+    lab = torch.tensor([0, -1, -2, 3, 1, -1], device="cuda")
+    x.requires_grad_()
+    for red in REDUCTIONS:
+        assert torch.autograd.gradcheck(lambda xx: sigmoid_focal_loss(xx, t, reduction=red), (x,))
+        assert torch.autograd.gradcheck(lambda xx: sigmoid_focal_loss_labels(xx, lab, reduction=red), (x,))
+    # misaligned storage offset forces the scalar path
+    xb, tb = _inputs(1001, 1, torch.float32, "cuda")
+    xs, ts = xb.flatten()[1:], tb.flatten()[1:]
+    torch.testing.assert_close(sigmoid_focal_loss(xs, ts), torchvision.ops.sigmoid_focal_loss(xs, ts))
+
+
+@requires_cuda
+def test_cuda_large_index():
+    # More than 2^31 elements would need 8+ GB; check the int64 path on a ~2^31-element tensor
+    # only where the device has room.
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip("needs ~24 GB free")
+    n, k = 2**31 // 91 + 10, 91
+    x = torch.full((n, k), -2.0, device="cuda", dtype=torch.float16)
+    lab = torch.full((n,), -1, device="cuda")
+    lab[-1] = 90
+    s = sigmoid_focal_loss_labels(x, lab, reduction="sum")
+    per = ref.sigmoid_focal_loss(torch.tensor(-2.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64))
+    assert math.isclose(s.item(), per.item() * (n * k - 1), rel_tol=1e-3)
