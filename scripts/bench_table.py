@@ -1,0 +1,43 @@
+"""Summarise a pytest-benchmark JSON file as a Markdown table: per group, each implementation's
+median and its speed-up over torchvision's in the same group (same inputs, same run).
+
+    python scripts/bench_table.py bench.json
+"""
+
+import json
+import re
+import sys
+
+
+def impl_name(bench):
+    params = bench.get("params") or {}
+    if "impl" in params:
+        return str(params["impl"])
+    m = re.search(r"\[(.*)\]", bench["name"])
+    return m.group(1) if m else bench["name"]
+
+
+def main(path):
+    data = json.load(open(path))
+    groups = {}
+    for b in data["benchmarks"]:
+        groups.setdefault(b.get("group") or "", []).append(b)
+    machine = data.get("machine_info", {})
+    print(f"machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {data.get('datetime', '')}")
+    print()
+    print("| group | implementation | median (ms) | speed-up vs torchvision |")
+    print("|---|---|---:|---:|")
+    for g, benches in sorted(groups.items()):
+        tv = [b for b in benches if "torchvision" in impl_name(b)]
+        tv_med = tv[0]["stats"]["median"] if tv else None
+        for b in sorted(benches, key=lambda b: b["stats"]["median"]):
+            med = b["stats"]["median"]
+            ratio = f"{tv_med / med:.2f}x" if tv_med else "-"
+            print(f"| {g} | {impl_name(b)} | {med * 1e3:.2f} | {ratio} |")
+        extra = {k: v for b in benches for k, v in b.get("extra_info", {}).items() if k.startswith("peak")}
+        if extra:
+            print(f"| {g} | peak extra memory (MB) | {json.dumps(extra)} | |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up retina_fast from nothing: a virtual environment (.venv unless VENV is set), torch +
+# torchvision and the test/demo dependencies, then the extension built in place (with its CUDA
+# kernels when a CUDA toolkit is found; FORCE_CUDA=1 makes that mandatory, FORCE_CUDA=0 skips it).
+# Idempotent: a second run reuses the venv and rebuilds only what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c "import torch, torchvision, pytest, pytest_benchmark, pycocotools, ninja" 2>/dev/null; then
+  echo "== installing $TORCH_SPEC and dependencies"
+  "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
+  # shellcheck disable=SC2086
+  "$VENV/bin/python" -m pip install -q $TORCH_SPEC numpy ninja pytest pytest-benchmark expecttest \
+      pycocotools pillow matplotlib tqdm
+fi
+
+echo "== building the extension (FORCE_CUDA=${FORCE_CUDA:-auto}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})"
+# --no-build-isolation: compile against the torch installed above, not a second copy.
+MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
+"$VENV/bin/python" -c "import retina_fast, torch; print('retina_fast', retina_fast.__version__, '| torch', torch.__version__, '| CUDA kernels compiled:', retina_fast.cuda_built())"
