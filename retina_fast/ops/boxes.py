@@ -215,6 +215,16 @@ def decode_boxes(
 # ---------------------------------------------------------------- fake (meta) kernels
 
 
+def _same_device(op: str, **tensors: Tensor) -> None:
+    # The device kernels check this too; the fake kernels must, or a meta/cuda mix would pass.
+    (n0, t0), *rest = tensors.items()
+    for n, t in rest:
+        torch._check(
+            t.device == t0.device,
+            lambda: f"retina_fast::{op}: expected {n0} and {n} on the same device, got {n0} on {t0.device} and {n} on {t.device}",
+        )
+
+
 def _iou_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.promote_types(a, b) == torch.float64 else torch.float32
 
@@ -223,6 +233,7 @@ def _iou_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
 def _box_iou_fake(boxes1, boxes2):
     torch._check(boxes1.dim() == 2 and boxes1.shape[-1] == 4, lambda: "boxes1 must be [N, 4]")
     torch._check(boxes2.dim() == 2 and boxes2.shape[-1] == 4, lambda: "boxes2 must be [M, 4]")
+    _same_device("box_iou", boxes1=boxes1, boxes2=boxes2)
     return boxes1.new_empty((boxes1.shape[0], boxes2.shape[0]), dtype=_iou_dtype(boxes1.dtype, boxes2.dtype))
 
 
@@ -237,11 +248,13 @@ def _grid_anchors_fake(cell_anchors, cells_per_level, grid_sizes, strides):
 @torch.library.register_fake("retina_fast::match_anchors")
 def _match_fake(anchors, gt_boxes, gt_counts, high, low, allow_low_quality_matches, zero_iou_quirk):
     torch._check(anchors.dim() == 2 and gt_boxes.dim() == 3, lambda: "anchors [A, 4], gt_boxes [B, M, 4]")
+    _same_device("match_anchors", anchors=anchors, gt_boxes=gt_boxes, gt_counts=gt_counts)
     return anchors.new_empty((gt_boxes.shape[0], anchors.shape[0]), dtype=torch.int64)
 
 
 @torch.library.register_fake("retina_fast::gather_targets")
 def _gather_fake(matches, anchors, gt_boxes, gt_labels, weights):
+    _same_device("gather_targets", anchors=anchors, matches=matches, gt_boxes=gt_boxes, gt_labels=gt_labels)
     dtype = torch.promote_types(anchors.dtype, gt_boxes.dtype)
     B, A = matches.shape
     return matches.new_empty((B, A)), anchors.new_empty((B, A, 4), dtype=dtype)
@@ -249,11 +262,13 @@ def _gather_fake(matches, anchors, gt_boxes, gt_labels, weights):
 
 @torch.library.register_fake("retina_fast::encode_boxes")
 def _encode_fake(reference_boxes, proposals, weights):
+    _same_device("encode_boxes", reference_boxes=reference_boxes, proposals=proposals)
     return reference_boxes.new_empty(reference_boxes.shape, dtype=torch.promote_types(reference_boxes.dtype, proposals.dtype))
 
 
 @torch.library.register_fake("retina_fast::decode_boxes")
 def _decode_fake(rel_codes, boxes, weights, clip):
+    _same_device("decode_boxes", rel_codes=rel_codes, boxes=boxes)
     return rel_codes.new_empty(rel_codes.shape)
 
 
