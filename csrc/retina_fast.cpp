@@ -36,6 +36,27 @@ TORCH_LIBRARY(retina_fast, m) {
       "float alpha, float gamma, int reduction, float label_smoothing) -> Tensor");
 
   // ---- boxes (csrc/boxes) ----
+  // Boxes are (x1, y1, x2, y2). box_iou: [N, 4] x [M, 4] -> [N, M] (float32 for 16-bit boxes).
+  m.def("box_iou(Tensor boxes1, Tensor boxes2) -> Tensor");
+  // cell_anchors [sum(cells_per_level), 4]; grid_sizes and strides: (h, w) per level.
+  m.def(
+      "grid_anchors(Tensor cell_anchors, int[] cells_per_level, int[] grid_sizes, "
+      "int[] strides) -> Tensor");
+  // anchors [A, 4], gt_boxes [B, M, 4], gt_counts [B] -> int64 [B, A]: gt index, -1, -2.
+  m.def(
+      "match_anchors(Tensor anchors, Tensor gt_boxes, Tensor gt_counts, float high, float low, "
+      "bool allow_low_quality_matches, bool zero_iou_quirk) -> Tensor");
+  // matches [B, A] (from match_anchors), anchors [A, 4], gt_boxes [B, M, 4], gt_labels [B, M]
+  // -> (labels [B, A] int64: gt label, -1, -2; regression targets [B, A, 4], 0 off foreground).
+  m.def(
+      "gather_targets(Tensor matches, Tensor anchors, Tensor gt_boxes, Tensor gt_labels, "
+      "float[] weights) -> (Tensor, Tensor)");
+  m.def("encode_boxes(Tensor reference_boxes, Tensor proposals, float[] weights) -> Tensor");
+  // rel_codes [N, 4k] or [B, N, 4k]; boxes [N, 4] or [B, N, 4].
+  m.def("decode_boxes(Tensor rel_codes, Tensor boxes, float[] weights, float clip) -> Tensor");
+  m.def(
+      "decode_boxes_backward(Tensor grad, Tensor rel_codes, Tensor boxes, float[] weights, "
+      "float clip) -> Tensor");
 
   // ---- nms and post-processing (csrc/nms) ----
 }

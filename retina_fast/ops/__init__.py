@@ -2,9 +2,25 @@
 gives the same result, so ``from retina_fast.ops import X`` can replace
 ``from torchvision.ops import X``."""
 
+from retina_fast.ops.boxes import (
+    MatchedTargets,
+    box_iou,
+    decode_boxes,
+    encode_boxes,
+    grid_anchors,
+    match_anchors,
+    matched_targets,
+)
 from retina_fast.ops.focal_loss import sigmoid_focal_loss, sigmoid_focal_loss_labels
 
 __all__ = [
+    "box_iou",
+    "grid_anchors",
+    "match_anchors",
+    "matched_targets",
+    "MatchedTargets",
+    "encode_boxes",
+    "decode_boxes",
     "sigmoid_focal_loss",
     "sigmoid_focal_loss_labels",
 ]

@@ -48,3 +48,155 @@ def sigmoid_focal_loss_labels(logits: Tensor, labels: Tensor, alpha: float = 0.2
     if normalizer is not None:
         loss = loss / normalizer
     return loss
+
+
+# ---- boxes ----
+# torchvision's box_iou / Matcher / BoxCoder / AnchorGenerator written out in plain PyTorch,
+# one image at a time, for the batched kernels to be checked against.
+
+import math  # noqa: E402
+
+__all__ += [
+    "box_iou",
+    "grid_anchors",
+    "match_anchors",
+    "matched_targets",
+    "encode_boxes",
+    "decode_boxes",
+]
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """torchvision.ops.box_iou: `rb - lt` in the boxes' dtype, then float32 (float64 stays)."""
+    dtype = torch.promote_types(boxes1.dtype, boxes2.dtype)
+    boxes1, boxes2 = boxes1.to(dtype), boxes2.to(dtype)
+    up = torch.float64 if dtype == torch.float64 else torch.float32
+    area1 = (boxes1[:, 2].to(up) - boxes1[:, 0].to(up)) * (boxes1[:, 3].to(up) - boxes1[:, 1].to(up))
+    area2 = (boxes2[:, 2].to(up) - boxes2[:, 0].to(up)) * (boxes2[:, 3].to(up) - boxes2[:, 1].to(up))
+    lt = torch.maximum(boxes1[:, None, :2], boxes2[None, :, :2])
+    rb = torch.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    wh = (rb - lt).to(up).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area1[:, None] + area2[None, :] - inter
+    return inter / union
+
+
+def _match_one(iou: Tensor, high: float, low: float, allow_low_quality_matches: bool, zero_iou_quirk: bool) -> Tensor:
+    """Matcher on iou[gt, anchor] (M >= 1)."""
+    vals, matches = iou.max(dim=0)  # first index on ties, NaN wins
+    all_matches = matches.clone()
+    out = matches.clone()
+    out[vals < low] = -1
+    out[(vals >= low) & (vals < high)] = -2
+    if allow_low_quality_matches:
+        best_per_gt, _ = iou.max(dim=1)
+        if not zero_iou_quirk:
+            # A gt whose best IoU is 0 would tie with every anchor it misses: drop it.
+            best_per_gt = torch.where(best_per_gt > 0, best_per_gt, torch.full_like(best_per_gt, float("nan")))
+        restore = (iou == best_per_gt[:, None]).any(dim=0)
+        out[restore] = all_matches[restore]
+    return out
+
+
+def match_anchors(anchors: Tensor, gt_boxes: Tensor, gt_counts: Tensor, high: float = 0.5, low: float = 0.4,
+                  allow_low_quality_matches: bool = True, zero_iou_quirk: bool = True) -> Tensor:
+    """Per image: Matcher(high, low, allow_low_quality_matches)(box_iou(gt, anchors)); no gt -> -1."""
+    out = []
+    for b in range(gt_boxes.shape[0]):
+        n = int(gt_counts[b])
+        if n == 0:
+            out.append(torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device))
+            continue
+        iou = box_iou(gt_boxes[b, :n], anchors)
+        dt = iou.dtype
+        out.append(_match_one(iou, torch.tensor(high, dtype=dt).item(), torch.tensor(low, dtype=dt).item(),
+                              allow_low_quality_matches, zero_iou_quirk))
+    if not out:
+        return torch.empty((0, anchors.shape[0]), dtype=torch.int64, device=anchors.device)
+    return torch.stack(out)
+
+
+def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights=(1.0, 1.0, 1.0, 1.0)) -> Tensor:
+    """BoxCoder.encode_single(reference_boxes, proposals): `reference` are the gts."""
+    dtype = torch.promote_types(reference_boxes.dtype, proposals.dtype)
+    ref, prop = reference_boxes.to(dtype), proposals.to(dtype).expand_as(reference_boxes)
+    wx, wy, ww, wh = torch.as_tensor(weights, dtype=dtype, device=ref.device)
+    ex_w = prop[..., 2] - prop[..., 0]
+    ex_h = prop[..., 3] - prop[..., 1]
+    ex_cx = prop[..., 0] + 0.5 * ex_w
+    ex_cy = prop[..., 1] + 0.5 * ex_h
+    gt_w = ref[..., 2] - ref[..., 0]
+    gt_h = ref[..., 3] - ref[..., 1]
+    gt_cx = ref[..., 0] + 0.5 * gt_w
+    gt_cy = ref[..., 1] + 0.5 * gt_h
+    dx = wx * (gt_cx - ex_cx) / ex_w
+    dy = wy * (gt_cy - ex_cy) / ex_h
+    dw = ww * torch.log(gt_w / ex_w)
+    dh = wh * torch.log(gt_h / ex_h)
+    return torch.stack((dx, dy, dw, dh), dim=-1)
+
+
+def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights=(1.0, 1.0, 1.0, 1.0),
+                 clip: float = math.log(1000.0 / 16)) -> Tensor:
+    """BoxCoder.decode_single for rel_codes [..., N, 4k] and boxes [..., N, 4]."""
+    boxes = boxes.to(rel_codes.dtype)
+    shape = rel_codes.shape
+    codes = rel_codes.reshape(*shape[:-1], -1, 4)
+    boxes = boxes.unsqueeze(-2)
+    w = boxes[..., 2] - boxes[..., 0]
+    h = boxes[..., 3] - boxes[..., 1]
+    cx = boxes[..., 0] + 0.5 * w
+    cy = boxes[..., 1] + 0.5 * h
+    wx, wy, ww, wh = weights
+    dx = codes[..., 0] / wx
+    dy = codes[..., 1] / wy
+    dw = torch.clamp(codes[..., 2] / ww, max=clip)
+    dh = torch.clamp(codes[..., 3] / wh, max=clip)
+    pcx = dx * w + cx
+    pcy = dy * h + cy
+    pw = torch.exp(dw) * w
+    ph = torch.exp(dh) * h
+    half = torch.tensor(0.5, dtype=pcx.dtype, device=pcx.device)
+    out = torch.stack((pcx - half * pw, pcy - half * ph, pcx + half * pw, pcy + half * ph), dim=-1)
+    return out.reshape(shape)
+
+
+def matched_targets(anchors: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_counts: Tensor, high: float = 0.5,
+                    low: float = 0.4, allow_low_quality_matches: bool = True, zero_iou_quirk: bool = True,
+                    weights=(1.0, 1.0, 1.0, 1.0)):
+    """(labels [B, A], regression targets [B, A, 4], matches [B, A]) as a RetinaNet loss builds them."""
+    matches = match_anchors(anchors, gt_boxes, gt_counts, high, low, allow_low_quality_matches, zero_iou_quirk)
+    dtype = torch.promote_types(anchors.dtype, gt_boxes.dtype)
+    B, A = matches.shape
+    labels = matches.clone()
+    targets = torch.zeros(B, A, 4, dtype=dtype, device=anchors.device)
+    for b in range(B):
+        fg = matches[b] >= 0
+        idx = matches[b, fg]
+        labels[b, fg] = gt_labels[b, idx]
+        targets[b, fg] = encode_boxes(gt_boxes[b, idx].to(dtype), anchors[fg].to(dtype), weights)
+    return labels, targets, matches
+
+
+def cell_anchors(sizes, aspect_ratios, dtype=torch.float32, device="cpu") -> Tensor:
+    """AnchorGenerator.generate_anchors: zero-centred anchors, ratio-major then scale."""
+    scales = torch.as_tensor(sizes, dtype=torch.float32)
+    ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32)
+    h_ratios = torch.sqrt(ratios)
+    w_ratios = 1 / h_ratios
+    ws = (w_ratios[:, None] * scales[None, :]).view(-1)
+    hs = (h_ratios[:, None] * scales[None, :]).view(-1)
+    return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round().to(dtype=dtype, device=device)
+
+
+def grid_anchors(cells, grid_sizes, strides) -> Tensor:
+    """AnchorGenerator.grid_anchors concatenated over levels."""
+    out = []
+    for base, (gh, gw), (sh, sw) in zip(cells, grid_sizes, strides):
+        sx = torch.arange(0, gw, dtype=torch.int32, device=base.device) * sw
+        sy = torch.arange(0, gh, dtype=torch.int32, device=base.device) * sh
+        yy, xx = torch.meshgrid(sy, sx, indexing="ij")
+        xx, yy = xx.reshape(-1), yy.reshape(-1)
+        shifts = torch.stack((xx, yy, xx, yy), dim=1)
+        out.append((shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4))
+    return torch.cat(out)

@@ -1,0 +1,557 @@
+// CPU kernels of the box ops: box_iou, grid_anchors, match_anchors, gather_targets,
+// encode_boxes, decode_boxes (+ backward).
+//
+// match_anchors never builds the [M, A] IoU matrix. Anchors are cut into chunks of kChunk
+// (one parallel task per image and chunk) and sub-blocks of kSub, each with the bounding box
+// of its anchors. Pass 1 walks gts outer, sub-blocks middle, anchors inner (a branch-free loop
+// the compiler vectorises; an AVX2 clone is picked at run time): running best gt per anchor,
+// and per gt the max over the chunk. A sub-block the gt cannot overlap is skipped: every IoU
+// there is exactly +0 (see regular_box in boxes_math.h), which the running values already
+// assume. Pass 2 (low-quality restore) recomputes IoU only for anchors below `high` that could
+// tie a gt's maximum (their best IoU is >= that maximum), again skipping disjoint sub-blocks.
+// Per-gt maxima are combined chunk by chunk with max, which is exact in any order: results do
+// not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "boxes/boxes_checks.h"
+#include "boxes/boxes_math.h"
+
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define RF_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define RF_TARGET_CLONES
+#endif
+
+namespace retina_fast {
+namespace boxes {
+namespace {
+
+constexpr int64_t kSub = 64;      // anchors per skip test
+constexpr int64_t kChunk = 2048;  // anchors per parallel task (multiple of kSub)
+constexpr int kLanes = 8;
+
+// ---------------------------------------------------------------- IoU spans
+// One gt (g*) against n anchors given as structure-of-arrays in acc_t.
+
+// Pass 1 span: update the running best (bv, bi) of n anchors with gt `g`; returns the
+// NaN-propagating max IoU of the span.
+template <typename acc_t, typename Round>
+inline acc_t best_span(acc_t gx1, acc_t gy1, acc_t gx2, acc_t gy2, acc_t ga, const acc_t* x1,
+                       const acc_t* y1, const acc_t* x2, const acc_t* y2, const acc_t* ar,
+                       int64_t n, acc_t* bv, int32_t* bi, int32_t g) {
+  const Round r;
+  acc_t lanes[kLanes];
+  for (int j = 0; j < kLanes; ++j) lanes[j] = acc_t(0);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const int64_t k = i + j;
+      const acc_t v = iou_coords(gx1, gy1, gx2, gy2, ga, x1[k], y1[k], x2[k], y2[k], ar[k], r);
+      const acc_t b = bv[k];
+      const bool up = (v > b) | ((v != v) & (b == b));
+      bv[k] = up ? v : b;
+      bi[k] = up ? g : bi[k];
+      lanes[j] = nan_max(lanes[j], v);
+    }
+  }
+  acc_t m = lanes[0];
+  for (int j = 1; j < kLanes; ++j) m = nan_max(m, lanes[j]);
+  for (; i < n; ++i) {
+    const acc_t v = iou_coords(gx1, gy1, gx2, gy2, ga, x1[i], y1[i], x2[i], y2[i], ar[i], r);
+    if (better(v, bv[i])) {
+      bv[i] = v;
+      bi[i] = g;
+    }
+    m = nan_max(m, v);
+  }
+  return m;
+}
+
+// Pass 2 span: hit[i] |= (IoU == target).
+template <typename acc_t, typename Round>
+inline void tie_span(acc_t gx1, acc_t gy1, acc_t gx2, acc_t gy2, acc_t ga, const acc_t* x1,
+                     const acc_t* y1, const acc_t* x2, const acc_t* y2, const acc_t* ar,
+                     int64_t n, acc_t target, uint8_t* hit) {
+  const Round r;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t v = iou_coords(gx1, gy1, gx2, gy2, ga, x1[i], y1[i], x2[i], y2[i], ar[i], r);
+    hit[i] |= uint8_t(v == target);
+  }
+}
+
+// One row of box_iou.
+template <typename acc_t, typename Round>
+inline void iou_row(acc_t gx1, acc_t gy1, acc_t gx2, acc_t gy2, acc_t ga, const acc_t* x1,
+                    const acc_t* y1, const acc_t* x2, const acc_t* y2, const acc_t* ar,
+                    int64_t n, acc_t* out) {
+  const Round r;
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = iou_coords(gx1, gy1, gx2, gy2, ga, x1[i], y1[i], x2[i], y2[i], ar[i], r);
+}
+
+// float32 entry points with an AVX2 clone (the hot loops).
+RF_TARGET_CLONES float best_span_f32(float gx1, float gy1, float gx2, float gy2, float ga,
+                                     const float* x1, const float* y1, const float* x2,
+                                     const float* y2, const float* ar, int64_t n, float* bv,
+                                     int32_t* bi, int32_t g) {
+  return best_span<float, IdentityRound>(gx1, gy1, gx2, gy2, ga, x1, y1, x2, y2, ar, n, bv, bi, g);
+}
+RF_TARGET_CLONES void tie_span_f32(float gx1, float gy1, float gx2, float gy2, float ga,
+                                   const float* x1, const float* y1, const float* x2,
+                                   const float* y2, const float* ar, int64_t n, float target,
+                                   uint8_t* hit) {
+  tie_span<float, IdentityRound>(gx1, gy1, gx2, gy2, ga, x1, y1, x2, y2, ar, n, target, hit);
+}
+RF_TARGET_CLONES void iou_row_f32(float gx1, float gy1, float gx2, float gy2, float ga,
+                                  const float* x1, const float* y1, const float* x2,
+                                  const float* y2, const float* ar, int64_t n, float* out) {
+  iou_row<float, IdentityRound>(gx1, gy1, gx2, gy2, ga, x1, y1, x2, y2, ar, n, out);
+}
+
+// Dispatch to the float32 clones where scalar_t is float; generic templates otherwise.
+template <typename scalar_t>
+struct Spans {
+  using acc_t = acc_type<scalar_t>;
+  using R = round_for<scalar_t>;
+  static constexpr bool kF32 = std::is_same<scalar_t, float>::value;
+
+  static acc_t best(const acc_t* g, const acc_t* const* a, int64_t off, int64_t n, acc_t* bv,
+                    int32_t* bi, int32_t gi) {
+    if constexpr (kF32)
+      return best_span_f32(g[0], g[1], g[2], g[3], g[4], a[0] + off, a[1] + off, a[2] + off,
+                           a[3] + off, a[4] + off, n, bv, bi, gi);
+    else
+      return best_span<acc_t, R>(g[0], g[1], g[2], g[3], g[4], a[0] + off, a[1] + off,
+                                 a[2] + off, a[3] + off, a[4] + off, n, bv, bi, gi);
+  }
+  static void tie(const acc_t* g, const acc_t* const* a, int64_t off, int64_t n, acc_t target,
+                  uint8_t* hit) {
+    if constexpr (kF32)
+      tie_span_f32(g[0], g[1], g[2], g[3], g[4], a[0] + off, a[1] + off, a[2] + off, a[3] + off,
+                   a[4] + off, n, target, hit);
+    else
+      tie_span<acc_t, R>(g[0], g[1], g[2], g[3], g[4], a[0] + off, a[1] + off, a[2] + off,
+                         a[3] + off, a[4] + off, n, target, hit);
+  }
+  static void row(const acc_t* g, const acc_t* const* a, int64_t n, acc_t* out) {
+    if constexpr (kF32)
+      iou_row_f32(g[0], g[1], g[2], g[3], g[4], a[0], a[1], a[2], a[3], a[4], n, out);
+    else
+      iou_row<acc_t, R>(g[0], g[1], g[2], g[3], g[4], a[0], a[1], a[2], a[3], a[4], n, out);
+  }
+};
+
+// Boxes [n, 4] as five acc_t arrays x1, y1, x2, y2, area (area after the upcast, as
+// torchvision's box_area does it).
+template <typename scalar_t>
+std::vector<acc_type<scalar_t>> to_soa(const scalar_t* p, int64_t n) {
+  using acc_t = acc_type<scalar_t>;
+  std::vector<acc_t> s(5 * n);
+  at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const acc_t x1 = acc_t(p[4 * i]), y1 = acc_t(p[4 * i + 1]);
+      const acc_t x2 = acc_t(p[4 * i + 2]), y2 = acc_t(p[4 * i + 3]);
+      s[i] = x1;
+      s[n + i] = y1;
+      s[2 * n + i] = x2;
+      s[3 * n + i] = y2;
+      s[4 * n + i] = box_area(x1, y1, x2, y2);
+    }
+  });
+  return s;
+}
+
+// ---------------------------------------------------------------- box_iou
+
+at::Tensor box_iou_cpu(const at::Tensor& boxes1, const at::Tensor& boxes2) {
+  check_box_iou(boxes1, boxes2);
+  const at::ScalarType st = promoted(boxes1, boxes2);
+  const at::Tensor b1 = boxes1.to(st).contiguous();
+  const at::Tensor b2 = boxes2.to(st).contiguous();
+  const int64_t N = b1.size(0), M = b2.size(0);
+  at::Tensor out = at::empty({N, M}, b1.options().dtype(iou_dtype(st)));
+  if (N == 0 || M == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "box_iou_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const std::vector<acc_t> s1 = to_soa(b1.const_data_ptr<scalar_t>(), N);
+    const std::vector<acc_t> s2 = to_soa(b2.const_data_ptr<scalar_t>(), M);
+    const acc_t* a[5] = {s2.data(), s2.data() + M, s2.data() + 2 * M, s2.data() + 3 * M,
+                         s2.data() + 4 * M};
+    acc_t* op = out.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, N, std::max<int64_t>(1, 32768 / M), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const acc_t g[5] = {s1[i], s1[N + i], s1[2 * N + i], s1[3 * N + i], s1[4 * N + i]};
+        Spans<scalar_t>::row(g, a, M, op + i * M);
+      }
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------- match_anchors
+
+template <typename scalar_t>
+void match_impl(const at::Tensor& anchors, const at::Tensor& gts, const int64_t* counts,
+                double high_d, double low_d, bool allow_lq, bool quirk, at::Tensor& out) {
+  using acc_t = acc_type<scalar_t>;
+  using S = Spans<scalar_t>;
+  const int64_t A = anchors.size(0), B = gts.size(0), M = gts.size(1);
+  const acc_t high = acc_t(high_d), low = acc_t(low_d);
+  int64_t* labels = out.mutable_data_ptr<int64_t>();
+
+  const std::vector<acc_t> sa = to_soa(anchors.const_data_ptr<scalar_t>(), A);
+  const acc_t* a[5] = {sa.data(), sa.data() + A, sa.data() + 2 * A, sa.data() + 3 * A,
+                       sa.data() + 4 * A};
+  // Sub-block bounding boxes; regular = every anchor in it regular.
+  const int64_t nsub = (A + kSub - 1) / kSub;
+  std::vector<acc_t> sbox(4 * nsub);
+  std::vector<uint8_t> sreg(nsub);
+  at::parallel_for(0, nsub, 256, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      acc_t bx1 = std::numeric_limits<acc_t>::infinity(), by1 = bx1;
+      acc_t bx2 = -bx1, by2 = -bx1;
+      bool reg = true;
+      for (int64_t i = s * kSub, e = std::min(A, (s + 1) * kSub); i < e; ++i) {
+        reg = reg && regular_box(a[0][i], a[1][i], a[2][i], a[3][i], a[4][i]);
+        bx1 = std::min(bx1, a[0][i]);
+        by1 = std::min(by1, a[1][i]);
+        bx2 = std::max(bx2, a[2][i]);
+        by2 = std::max(by2, a[3][i]);
+      }
+      sbox[4 * s] = bx1;
+      sbox[4 * s + 1] = by1;
+      sbox[4 * s + 2] = bx2;
+      sbox[4 * s + 3] = by2;
+      sreg[s] = reg;
+    }
+  });
+  // gts: [B * M] rows of (x1, y1, x2, y2, area) and their regularity.
+  std::vector<acc_t> g5(5 * B * M);
+  std::vector<uint8_t> greg(B * M);
+  const scalar_t* gp = gts.const_data_ptr<scalar_t>();
+  for (int64_t r = 0; r < B * M; ++r) {
+    const acc_t x1 = acc_t(gp[4 * r]), y1 = acc_t(gp[4 * r + 1]);
+    const acc_t x2 = acc_t(gp[4 * r + 2]), y2 = acc_t(gp[4 * r + 3]);
+    const acc_t ar = box_area(x1, y1, x2, y2);
+    g5[5 * r] = x1;
+    g5[5 * r + 1] = y1;
+    g5[5 * r + 2] = x2;
+    g5[5 * r + 3] = y2;
+    g5[5 * r + 4] = ar;
+    greg[r] = regular_box(x1, y1, x2, y2, ar);
+  }
+  auto skip = [&](int64_t grow, int64_t s) {
+    const acc_t* g = &g5[5 * grow];
+    return greg[grow] && sreg[s] &&
+           disjoint(g[0], g[1], g[2], g[3], sbox[4 * s], sbox[4 * s + 1], sbox[4 * s + 2],
+                    sbox[4 * s + 3]);
+  };
+
+  const int64_t nchunk = (A + kChunk - 1) / kChunk;
+  std::vector<acc_t> best_val(B * A);
+  std::vector<int32_t> best_idx(B * A);
+  std::vector<acc_t> partial(B * nchunk * std::max<int64_t>(M, 1));
+
+  // Pass 1: best gt per anchor, per-chunk max per gt.
+  at::parallel_for(0, B * nchunk, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nchunk, c = t % nchunk;
+      const int64_t a0 = c * kChunk, a1 = std::min(A, a0 + kChunk);
+      acc_t* bv = best_val.data() + b * A + a0;
+      int32_t* bi = best_idx.data() + b * A + a0;
+      std::fill(bv, bv + (a1 - a0), acc_t(0));
+      std::fill(bi, bi + (a1 - a0), int32_t(0));
+      for (int64_t g = 0; g < counts[b]; ++g) {
+        const int64_t grow = b * M + g;
+        acc_t gm = acc_t(0);
+        for (int64_t s = a0 / kSub; s * kSub < a1; ++s) {
+          if (skip(grow, s)) continue;
+          const int64_t i0 = s * kSub, n = std::min(kSub, a1 - i0);
+          gm = nan_max(gm, S::best(&g5[5 * grow], a, i0, n, bv + (i0 - a0), bi + (i0 - a0),
+                                   int32_t(g)));
+        }
+        partial[t * M + g] = gm;
+      }
+    }
+  });
+
+  // Per-gt maxima over all anchors, and whether some gt's maximum is 0.
+  std::vector<acc_t> gmax(B * M, acc_t(0));
+  std::vector<uint8_t> restore_all(B, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t g = 0; g < counts[b]; ++g) {
+      acc_t m = acc_t(0);
+      for (int64_t c = 0; c < nchunk; ++c) m = nan_max(m, partial[(b * nchunk + c) * M + g]);
+      gmax[b * M + g] = m;
+      if (m == acc_t(0)) restore_all[b] = allow_lq && quirk;
+    }
+  }
+
+  // Pass 2: thresholds and the low-quality restore.
+  at::parallel_for(0, B * nchunk, 1, [&](int64_t t0, int64_t t1) {
+    uint8_t hit[kChunk];
+    acc_t smax[kChunk / kSub];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nchunk, c = t % nchunk;
+      const int64_t a0 = c * kChunk, a1 = std::min(A, a0 + kChunk), n = a1 - a0;
+      const acc_t* bv = best_val.data() + b * A + a0;
+      const int32_t* bi = best_idx.data() + b * A + a0;
+      int64_t* lab = labels + b * A + a0;
+      if (counts[b] == 0) {
+        std::fill(lab, lab + n, int64_t(-1));
+        continue;
+      }
+      if (restore_all[b]) {
+        for (int64_t i = 0; i < n; ++i) lab[i] = bi[i];
+        continue;
+      }
+      for (int64_t i = 0; i < n; ++i) lab[i] = threshold_label(bv[i], int64_t(bi[i]), high, low);
+      if (!allow_lq) continue;
+      // Only anchors labelled -1/-2 can change; an anchor can tie gt g's maximum only if its
+      // own best IoU reaches it.
+      const int64_t s_first = a0 / kSub;
+      bool any = false;
+      for (int64_t s = s_first; s * kSub < a1; ++s) {
+        acc_t m = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t i = s * kSub - a0, e = std::min(a1, (s + 1) * kSub) - a0; i < e; ++i)
+          if (lab[i] < 0) m = std::max(m, bv[i]);
+        smax[s - s_first] = m;
+        any = any || m > -std::numeric_limits<acc_t>::infinity();
+      }
+      if (!any) continue;
+      std::fill(hit, hit + n, uint8_t(0));
+      for (int64_t g = 0; g < counts[b]; ++g) {
+        const int64_t grow = b * M + g;
+        const acc_t gm = gmax[grow];
+        if (!(gm > acc_t(0))) continue;  // NaN ties nothing; 0 only matters with the quirk
+        for (int64_t s = s_first; s * kSub < a1; ++s) {
+          if (smax[s - s_first] < gm || skip(grow, s)) continue;
+          const int64_t i0 = s * kSub, len = std::min(kSub, a1 - i0);
+          S::tie(&g5[5 * grow], a, i0, len, gm, hit + (i0 - a0));
+        }
+      }
+      for (int64_t i = 0; i < n; ++i)
+        if (hit[i]) lab[i] = bi[i];
+    }
+  });
+}
+
+at::Tensor match_anchors_cpu(const at::Tensor& anchors, const at::Tensor& gt_boxes,
+                             const at::Tensor& gt_counts, double high, double low,
+                             bool allow_low_quality_matches, bool zero_iou_quirk) {
+  check_match(anchors, gt_boxes, gt_counts, high, low);
+  const at::ScalarType st = promoted(anchors, gt_boxes);
+  const at::Tensor an = anchors.to(st).contiguous();
+  const at::Tensor gt = gt_boxes.to(st).contiguous();
+  const at::Tensor cnt = gt_counts.to(at::kLong).contiguous();
+  const int64_t A = an.size(0), B = gt.size(0), M = gt.size(1);
+  check_counts_values(cnt, M);
+  TORCH_CHECK(M <= std::numeric_limits<int32_t>::max(),
+              "retina_fast::match_anchors: expected M < 2^31 gts per image, got ", M);
+  at::Tensor out = at::empty({B, A}, an.options().dtype(at::kLong));
+  if (A == 0 || B == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "match_anchors_cpu", [&] {
+    match_impl<scalar_t>(an, gt, cnt.const_data_ptr<int64_t>(), high, low,
+                         allow_low_quality_matches, zero_iou_quirk, out);
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------- gather_targets
+
+std::tuple<at::Tensor, at::Tensor> gather_targets_cpu(const at::Tensor& matches,
+                                                      const at::Tensor& anchors,
+                                                      const at::Tensor& gt_boxes,
+                                                      const at::Tensor& gt_labels,
+                                                      at::ArrayRef<double> weights) {
+  check_gather(matches, anchors, gt_boxes, gt_labels);
+  const Weights w = check_weights(weights, "retina_fast::gather_targets");
+  const at::ScalarType st = promoted(anchors, gt_boxes);
+  const at::Tensor an = anchors.to(st).contiguous();
+  const at::Tensor gt = gt_boxes.to(st).contiguous();
+  const at::Tensor mt = matches.contiguous();
+  const at::Tensor gl = gt_labels.contiguous();
+  const int64_t B = mt.size(0), A = mt.size(1), M = gt.size(1);
+  at::Tensor labels = at::empty({B, A}, mt.options());
+  at::Tensor targets = at::empty({B, A, 4}, an.options());
+  if (B * A == 0) return {labels, targets};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "gather_targets_cpu", [&] {
+    const scalar_t* ap = an.const_data_ptr<scalar_t>();
+    const scalar_t* gp = gt.const_data_ptr<scalar_t>();
+    const int64_t* mp = mt.const_data_ptr<int64_t>();
+    const int64_t* lp = gl.const_data_ptr<int64_t>();
+    int64_t* lo = labels.mutable_data_ptr<int64_t>();
+    scalar_t* to = targets.mutable_data_ptr<scalar_t>();
+    const scalar_t wx = scalar_t(w.wx), wy = scalar_t(w.wy), ww = scalar_t(w.ww),
+                   wh = scalar_t(w.wh);
+    at::parallel_for(0, B * A, 4096, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / A, i = r - b * A, m = mp[r];
+        TORCH_CHECK(m >= -2 && m < M, "retina_fast::gather_targets: expected matches in [0, M) = [0, ",
+                    M, "], -1 or -2, got matches[", b, ", ", i, "] = ", m);
+        if (m >= 0) {
+          lo[r] = lp[b * M + m];
+          encode_box(gp + 4 * (b * M + m), ap + 4 * i, wx, wy, ww, wh, to + 4 * r);
+        } else {
+          lo[r] = m;
+          for (int j = 0; j < 4; ++j) to[4 * r + j] = scalar_t(0);
+        }
+      }
+    });
+  });
+  return {labels, targets};
+}
+
+// ---------------------------------------------------------------- encode / decode
+
+at::Tensor encode_boxes_cpu(const at::Tensor& reference_boxes, const at::Tensor& proposals,
+                            at::ArrayRef<double> weights) {
+  const int64_t nprop = check_encode(reference_boxes, proposals);
+  const Weights w = check_weights(weights, "retina_fast::encode_boxes");
+  const at::ScalarType st = promoted(reference_boxes, proposals);
+  const at::Tensor ref = reference_boxes.to(st).contiguous();
+  const at::Tensor prop = proposals.to(st).contiguous();
+  at::Tensor out = at::empty(ref.sizes(), ref.options());
+  const int64_t rows = ref.numel() / 4;
+  if (rows == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "encode_boxes_cpu", [&] {
+    const scalar_t* rp = ref.const_data_ptr<scalar_t>();
+    const scalar_t* pp = prop.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const scalar_t wx = scalar_t(w.wx), wy = scalar_t(w.wy), ww = scalar_t(w.ww),
+                   wh = scalar_t(w.wh);
+    at::parallel_for(0, rows, 4096, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        encode_box(rp + 4 * r, pp + 4 * (r % nprop), wx, wy, ww, wh, op + 4 * r);
+    });
+  });
+  return out;
+}
+
+at::Tensor decode_boxes_cpu(const at::Tensor& rel_codes, const at::Tensor& boxes,
+                            at::ArrayRef<double> weights, double clip) {
+  const char* opn = "retina_fast::decode_boxes";
+  const DecodeShape sh = check_decode(rel_codes, boxes, opn);
+  const Weights w = check_weights(weights, opn);
+  const at::Tensor codes = rel_codes.contiguous();
+  const at::Tensor bx = boxes.to(codes.scalar_type()).contiguous();
+  at::Tensor out = at::empty(codes.sizes(), codes.options());
+  if (codes.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codes.scalar_type(), "decode_boxes_cpu", [&] {
+    const scalar_t* cp = codes.const_data_ptr<scalar_t>();
+    const scalar_t* bp = bx.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const scalar_t wx = scalar_t(w.wx), wy = scalar_t(w.wy), ww = scalar_t(w.ww),
+                   wh = scalar_t(w.wh), cl = scalar_t(clip);
+    const int64_t k = sh.k;
+    at::parallel_for(0, sh.rows * k, 4096, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t r = e / k;
+        decode_box(cp + 4 * e, bp + 4 * (r % sh.box_rows), wx, wy, ww, wh, cl, op + 4 * e);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor decode_boxes_backward_cpu(const at::Tensor& grad, const at::Tensor& rel_codes,
+                                     const at::Tensor& boxes, at::ArrayRef<double> weights,
+                                     double clip) {
+  const char* opn = "retina_fast::decode_boxes_backward";
+  const DecodeShape sh = check_decode(rel_codes, boxes, opn);
+  const Weights w = check_weights(weights, opn);
+  TORCH_CHECK(grad.sizes() == rel_codes.sizes(), opn, ": expected grad of shape ",
+              rel_codes.sizes(), ", got ", grad.sizes());
+  check_same_device(grad, rel_codes, opn, "grad", "rel_codes");
+  const at::Tensor codes = rel_codes.contiguous();
+  const at::Tensor g = grad.to(codes.scalar_type()).contiguous();
+  const at::Tensor bx = boxes.to(codes.scalar_type()).contiguous();
+  at::Tensor out = at::empty(codes.sizes(), codes.options());
+  if (codes.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codes.scalar_type(), "decode_boxes_backward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* cp = codes.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* bp = bx.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const int64_t k = sh.k;
+    at::parallel_for(0, sh.rows * k, 4096, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t r = e / k;
+        acc_t ga[4], ca[4], ba[4], res[4];
+        for (int j = 0; j < 4; ++j) {
+          ga[j] = acc_t(gp[4 * e + j]);
+          ca[j] = acc_t(cp[4 * e + j]);
+          ba[j] = acc_t(bp[4 * (r % sh.box_rows) + j]);
+        }
+        decode_box_backward(ga, ca, ba, acc_t(w.wx), acc_t(w.wy), acc_t(w.ww), acc_t(w.wh),
+                            acc_t(clip), res);
+        for (int j = 0; j < 4; ++j) op[4 * e + j] = scalar_t(res[j]);
+      }
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------- grid_anchors
+
+at::Tensor grid_anchors_cpu(const at::Tensor& cell_anchors, at::IntArrayRef cells_per_level,
+                            at::IntArrayRef grid_sizes, at::IntArrayRef strides) {
+  check_grid_anchors(cell_anchors, cells_per_level, grid_sizes, strides);
+  const std::vector<int64_t> off = level_offsets(cells_per_level, grid_sizes);
+  const at::Tensor cell = cell_anchors.contiguous();
+  at::Tensor out = at::empty({off.back(), 4}, cell.options());
+  if (off.back() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cell.scalar_type(), "grid_anchors_cpu", [&] {
+    const scalar_t* cp = cell.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    int64_t cell0 = 0;
+    for (size_t l = 0; l < cells_per_level.size(); ++l) {
+      const int64_t n = cells_per_level[l], W = grid_sizes[2 * l + 1];
+      const int32_t sh = int32_t(strides[2 * l]), sw = int32_t(strides[2 * l + 1]);
+      const int64_t npos = grid_sizes[2 * l] * W;
+      const scalar_t* c = cp + 4 * cell0;
+      scalar_t* o = op + 4 * off[l];
+      if (n > 0) {
+        at::parallel_for(0, npos, 1024, [&](int64_t p0, int64_t p1) {
+          for (int64_t p = p0; p < p1; ++p) {
+            // int32 arithmetic, as torch.arange(int32) * stride in torchvision.
+            const int32_t x = int32_t(p % W) * sw, y = int32_t(p / W) * sh;
+            for (int64_t k = 0; k < n; ++k) {
+              scalar_t* d = o + 4 * (p * n + k);
+              d[0] = shifted(x, c[4 * k]);
+              d[1] = shifted(y, c[4 * k + 1]);
+              d[2] = shifted(x, c[4 * k + 2]);
+              d[3] = shifted(y, c[4 * k + 3]);
+            }
+          }
+        });
+      }
+      cell0 += n;
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace boxes
+}  // namespace retina_fast
+
+TORCH_LIBRARY_IMPL(retina_fast, CPU, m) {
+  using namespace retina_fast::boxes;
+  m.impl("box_iou", &box_iou_cpu);
+  m.impl("grid_anchors", &grid_anchors_cpu);
+  m.impl("match_anchors", &match_anchors_cpu);
+  m.impl("gather_targets", &gather_targets_cpu);
+  m.impl("encode_boxes", &encode_boxes_cpu);
+  m.impl("decode_boxes", &decode_boxes_cpu);
+  m.impl("decode_boxes_backward", &decode_boxes_backward_cpu);
+}

@@ -1,0 +1,302 @@
+"""Box ops: IoU, anchor grids, batched anchor matching, box encoding/decoding.
+
+Boxes are ``(x1, y1, x2, y2)``. Semantics are torchvision's (``box_iou``, ``Matcher``,
+``BoxCoder``, ``AnchorGenerator``), in the same arithmetic order, so results are bitwise equal
+where the arithmetic is elementary (IoU, match labels, anchors); ``log``/``exp`` in the box
+coder may differ from torch's vectorised versions by an ulp.
+"""
+
+import math
+from typing import NamedTuple, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+import retina_fast._C_loader  # noqa: F401  (registers torch.ops.retina_fast.*)
+
+__all__ = [
+    "box_iou",
+    "grid_anchors",
+    "match_anchors",
+    "matched_targets",
+    "MatchedTargets",
+    "encode_boxes",
+    "decode_boxes",
+]
+
+_ops = torch.ops.retina_fast
+
+DEFAULT_CLIP = math.log(1000.0 / 16)
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Drop-in for :func:`torchvision.ops.box_iou` (``xyxy``), one pass, no temporaries.
+
+    Args:
+        boxes1 (Tensor[N, 4]): float32/float64/float16/bfloat16 boxes.
+        boxes2 (Tensor[M, 4]): same device; dtypes are promoted as torch promotes them.
+
+    Returns:
+        Tensor[N, M]: IoU, float32 (float64 for float64 boxes; 16-bit boxes give float32, as
+        torchvision upcasts). Bitwise equal to torchvision: ``inter / union`` with no
+        epsilon, so a zero union (two zero-area boxes) gives NaN exactly where torchvision
+        does.
+    """
+    return _ops.box_iou(boxes1, boxes2)
+
+
+def grid_anchors(
+    cell_anchors: Sequence[Tensor],
+    grid_sizes: Sequence[Sequence[int]],
+    strides: Sequence[Sequence[int]],
+) -> Tensor:
+    """All levels' anchors in one kernel, as ``torchvision AnchorGenerator.grid_anchors``
+    concatenated over levels.
+
+    Args:
+        cell_anchors: per level a Tensor[n_l, 4] of zero-centred cell anchors (the dtype and
+            device of the output).
+        grid_sizes: per level ``(h, w)`` of the feature map.
+        strides: per level ``(stride_h, stride_w)`` in pixels (torchvision:
+            ``image_size // grid_size``).
+
+    Returns:
+        Tensor[sum_l h_l * w_l * n_l, 4]: ordered level, then y, then x, then cell anchor;
+        anchor = ``shift + cell`` with ``shift = (x * stride_w, y * stride_h)`` (int32, no
+        half-pixel offset) converted to the dtype before the add, as torchvision does.
+    """
+    if len(cell_anchors) == 0:
+        raise ValueError("grid_anchors: expected at least one level of cell anchors")
+    cells = torch.cat(list(cell_anchors), 0)
+    counts = [int(c.shape[0]) for c in cell_anchors]
+    gs = [int(v) for g in grid_sizes for v in g]
+    st = [int(v) for s in strides for v in s]
+    return _ops.grid_anchors(cells, counts, gs, st)
+
+
+def _check_counts(gt_counts: Tensor, M: int) -> None:
+    # The CPU kernel checks the counts itself; on CUDA that is a device->host sync, done here,
+    # once, where eager code can afford it (the CUDA kernel clamps to [0, M] either way).
+    if gt_counts.is_cuda and gt_counts.numel() and not torch.compiler.is_compiling():
+        lo, hi = torch.aminmax(gt_counts)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi > M:
+            bad = lo if lo < 0 else hi
+            raise RuntimeError(
+                f"retina_fast::match_anchors: expected every gt_counts[b] in [0, M] = [0, {M}], got {bad}"
+            )
+
+
+def match_anchors(
+    anchors: Tensor,
+    gt_boxes: Tensor,
+    gt_counts: Tensor,
+    high: float = 0.5,
+    low: float = 0.4,
+    allow_low_quality_matches: bool = True,
+    zero_iou_quirk: bool = True,
+    check_counts: bool = True,
+) -> Tensor:
+    """torchvision's ``Matcher(high, low, allow_low_quality_matches)(box_iou(gt, anchors))``
+    for a whole padded batch in one call, never building the ``[M, A]`` IoU matrix.
+
+    Args:
+        anchors (Tensor[A, 4]): anchors shared by every image (float dtypes).
+        gt_boxes (Tensor[B, M, 4]): per image the gt boxes, padded to M; rows at and beyond
+            ``gt_counts[b]`` are ignored whatever they hold.
+        gt_counts (Tensor[B], int64 or int32): number of valid gts per image, in ``[0, M]``.
+        high, low: thresholds (``low <= high``), compared in the IoU dtype (float32 unless
+            the boxes are float64), as torch compares a float32 tensor with a Python float.
+        allow_low_quality_matches: restore, for every gt, each anchor whose IoU equals that
+            gt's highest IoU (ties included) to the anchor's *own* best gt.
+        zero_iou_quirk: torchvision's behaviour (default, for parity): a gt whose highest IoU
+            is 0 (it overlaps no anchor, e.g. a zero-area or out-of-image box) ties with every
+            anchor, so *every* anchor of that image becomes foreground of its best gt (gt 0
+            where all IoUs are 0). ``False`` turns that off: such a gt restores nothing.
+        check_counts: on CUDA, validate ``gt_counts`` first (one device sync). The CPU kernel
+            always validates.
+
+    Returns:
+        Tensor[B, A] int64: matched gt index in ``[0, gt_counts[b])``, ``-1`` below ``low``,
+        ``-2`` in ``[low, high)``. Ties for the best gt go to the lowest gt index; a NaN IoU
+        (zero union) wins as torch.max lets it. An image with no gts is all ``-1``.
+    """
+    if check_counts:
+        _check_counts(gt_counts, gt_boxes.shape[1] if gt_boxes.dim() == 3 else 0)
+    return _ops.match_anchors(
+        anchors, gt_boxes, gt_counts, float(high), float(low), bool(allow_low_quality_matches), bool(zero_iou_quirk)
+    )
+
+
+class MatchedTargets(NamedTuple):
+    labels: Tensor  # [B, A] int64: gt class in [0, K), -1 background, -2 ignored
+    regression_targets: Tensor  # [B, A, 4]: encode_boxes(matched gt, anchor); 0 off foreground
+    matches: Tensor  # [B, A] int64: match_anchors' output
+
+
+def matched_targets(
+    anchors: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    gt_counts: Tensor,
+    high: float = 0.5,
+    low: float = 0.4,
+    allow_low_quality_matches: bool = True,
+    zero_iou_quirk: bool = True,
+    weights: Tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
+    check_counts: bool = True,
+) -> MatchedTargets:
+    """Everything a RetinaNet loss needs from the gts, for the whole batch: no Python loop.
+
+    Args:
+        anchors (Tensor[A, 4]), gt_boxes (Tensor[B, M, 4]), gt_counts (Tensor[B]): as in
+            :func:`match_anchors` (same thresholds and flags).
+        gt_labels (Tensor[B, M], int64): class of each gt in ``[0, K)`` (padded rows unused).
+        weights: BoxCoder weights ``(wx, wy, ww, wh)``.
+
+    Returns:
+        MatchedTargets(labels, regression_targets, matches): ``labels[b, a]`` is
+        ``gt_labels[b, matches[b, a]]`` for foreground anchors, else ``matches[b, a]`` (-1
+        background, -2 ignored): the convention of ``sigmoid_focal_loss_labels``.
+        ``regression_targets[b, a]`` is ``BoxCoder(weights).encode_single(gt, anchor)`` of the
+        matched gt for foreground anchors, 0 elsewhere, in the promoted dtype of anchors and
+        gt_boxes. Not differentiable (targets).
+    """
+    matches = match_anchors(
+        anchors, gt_boxes, gt_counts, high, low, allow_low_quality_matches, zero_iou_quirk, check_counts
+    )
+    labels, targets = _ops.gather_targets(matches, anchors, gt_boxes, gt_labels, [float(w) for w in weights])
+    return MatchedTargets(labels, targets, matches)
+
+
+def encode_boxes(
+    reference_boxes: Tensor,
+    proposals: Tensor,
+    weights: Tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
+) -> Tensor:
+    """``BoxCoder(weights).encode_single(reference_boxes, proposals)``.
+
+    Args:
+        reference_boxes (Tensor[..., 4]): the boxes to encode (gts).
+        proposals (Tensor[..., 4]): the boxes they are encoded against (anchors), of the same
+            shape, or Tensor[N, 4] shared by reference_boxes of shape [B, N, 4].
+        weights: ``(wx, wy, ww, wh)``.
+
+    Returns:
+        Tensor shaped like reference_boxes: ``(dx, dy, dw, dh)`` in the promoted dtype, each
+        operation rounded to that dtype as torch's elementwise ops do. Not differentiable.
+    """
+    return _ops.encode_boxes(reference_boxes, proposals, [float(w) for w in weights])
+
+
+def decode_boxes(
+    rel_codes: Tensor,
+    boxes: Tensor,
+    weights: Tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
+    clip: float = DEFAULT_CLIP,
+) -> Tensor:
+    """``BoxCoder(weights, clip).decode_single(rel_codes, boxes)``, also batched.
+
+    Args:
+        rel_codes (Tensor[N, 4k] or Tensor[B, N, 4k]): codes ``(dx, dy, dw, dh)`` per box
+            (k codes per box, as decode_single allows).
+        boxes (Tensor[N, 4] or Tensor[B, N, 4]): reference boxes (anchors), converted to
+            rel_codes' dtype; [N, 4] is shared by every batch entry.
+        weights: ``(wx, wy, ww, wh)``; clip: ``dw, dh`` are clamped from above at ``clip``.
+
+    Returns:
+        Tensor shaped like rel_codes: decoded ``(x1, y1, x2, y2)`` in rel_codes' dtype.
+        Differentiable w.r.t. ``rel_codes`` (not ``boxes``); the clamp passes gradient where
+        ``d <= clip``, as torch.clamp does.
+    """
+    return _ops.decode_boxes(rel_codes, boxes, [float(w) for w in weights], float(clip))
+
+
+# ---------------------------------------------------------------- fake (meta) kernels
+
+
+def _same_device(op: str, **tensors: Tensor) -> None:
+    # The device kernels check this too; the fake kernels must, or a meta/cuda mix would pass.
+    (n0, t0), *rest = tensors.items()
+    for n, t in rest:
+        torch._check(
+            t.device == t0.device,
+            lambda: f"retina_fast::{op}: expected {n0} and {n} on the same device, got {n0} on {t0.device} and {n} on {t.device}",
+        )
+
+
+def _iou_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.promote_types(a, b) == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("retina_fast::box_iou")
+def _box_iou_fake(boxes1, boxes2):
+    torch._check(boxes1.dim() == 2 and boxes1.shape[-1] == 4, lambda: "boxes1 must be [N, 4]")
+    torch._check(boxes2.dim() == 2 and boxes2.shape[-1] == 4, lambda: "boxes2 must be [M, 4]")
+    _same_device("box_iou", boxes1=boxes1, boxes2=boxes2)
+    return boxes1.new_empty((boxes1.shape[0], boxes2.shape[0]), dtype=_iou_dtype(boxes1.dtype, boxes2.dtype))
+
+
+@torch.library.register_fake("retina_fast::grid_anchors")
+def _grid_anchors_fake(cell_anchors, cells_per_level, grid_sizes, strides):
+    total = 0
+    for l, n in enumerate(cells_per_level):
+        total += grid_sizes[2 * l] * grid_sizes[2 * l + 1] * n
+    return cell_anchors.new_empty((total, 4))
+
+
+@torch.library.register_fake("retina_fast::match_anchors")
+def _match_fake(anchors, gt_boxes, gt_counts, high, low, allow_low_quality_matches, zero_iou_quirk):
+    torch._check(anchors.dim() == 2 and gt_boxes.dim() == 3, lambda: "anchors [A, 4], gt_boxes [B, M, 4]")
+    _same_device("match_anchors", anchors=anchors, gt_boxes=gt_boxes, gt_counts=gt_counts)
+    return anchors.new_empty((gt_boxes.shape[0], anchors.shape[0]), dtype=torch.int64)
+
+
+@torch.library.register_fake("retina_fast::gather_targets")
+def _gather_fake(matches, anchors, gt_boxes, gt_labels, weights):
+    _same_device("gather_targets", anchors=anchors, matches=matches, gt_boxes=gt_boxes, gt_labels=gt_labels)
+    dtype = torch.promote_types(anchors.dtype, gt_boxes.dtype)
+    B, A = matches.shape
+    return matches.new_empty((B, A)), anchors.new_empty((B, A, 4), dtype=dtype)
+
+
+@torch.library.register_fake("retina_fast::encode_boxes")
+def _encode_fake(reference_boxes, proposals, weights):
+    _same_device("encode_boxes", reference_boxes=reference_boxes, proposals=proposals)
+    return reference_boxes.new_empty(reference_boxes.shape, dtype=torch.promote_types(reference_boxes.dtype, proposals.dtype))
+
+
+@torch.library.register_fake("retina_fast::decode_boxes")
+def _decode_fake(rel_codes, boxes, weights, clip):
+    _same_device("decode_boxes", rel_codes=rel_codes, boxes=boxes)
+    return rel_codes.new_empty(rel_codes.shape)
+
+
+@torch.library.register_fake("retina_fast::decode_boxes_backward")
+def _decode_bwd_fake(grad, rel_codes, boxes, weights, clip):
+    return rel_codes.new_empty(rel_codes.shape)
+
+
+# ---------------------------------------------------------------- autograd
+
+
+def _decode_setup(ctx, inputs, output):
+    rel_codes, boxes, weights, clip = inputs
+    ctx.save_for_backward(rel_codes, boxes)
+    ctx.args = (weights, clip)
+
+
+def _decode_backward(ctx, grad):
+    rel_codes, boxes = ctx.saved_tensors
+    if ctx.needs_input_grad[1]:
+        raise NotImplementedError(
+            "retina_fast.ops.decode_boxes: the gradient with respect to boxes is not "
+            "implemented; detach the reference boxes (anchors)"
+        )
+    g = None
+    if ctx.needs_input_grad[0]:
+        g = _ops.decode_boxes_backward(grad, rel_codes, boxes, *ctx.args)
+    return g, None, None, None
+
+
+torch.library.register_autograd("retina_fast::decode_boxes", _decode_backward, setup_context=_decode_setup)
