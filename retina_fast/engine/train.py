@@ -207,6 +207,13 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None) -
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        # The schedule follows this run's flags (a longer --epochs extends the cosine); with the
+        # same flags this restores exactly what was saved.
+        sched_fn.__dict__.update(WarmupSchedule(
+            cfg.schedule, total_iters, cfg.warmup_iters, cfg.warmup_factor,
+            milestones=[e * iters_per_epoch for e in cfg.lr_steps], gamma=cfg.lr_gamma).__dict__)
+        if cfg.time_budget:
+            sched_fn.total_iters = ckpt["scheduler"]["lr_lambdas"][0]["total_iters"]
         if use_scaler and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, it = ckpt["epoch"] + 1, ckpt["iteration"]
