@@ -55,7 +55,7 @@ def coco_evaluate(coco_gt, results: list, image_ids=None) -> dict:
         return {**dict(zip(STAT_NAMES, stats)), "summary": "no detections: every AP and AR is 0"}
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        coco_dt = coco_gt.loadRes(results)
+        coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys in place
         ev = COCOeval(coco_gt, coco_dt, "bbox")
         if image_ids is not None:
             ev.params.imgIds = list(image_ids)
