@@ -19,6 +19,14 @@ import torch
 from retina_fast.data.errors import RetinaFastError
 from retina_fast.data.loader import EpochSampler, make_loader
 
+_SUMMARY_ROWS = [  # pycocotools' summarize() layout, for the no-detection case
+    ("AP", "IoU=0.50:0.95", "all", 100), ("AP", "IoU=0.50     ", "all", 100),
+    ("AP", "IoU=0.75     ", "all", 100), ("AP", "IoU=0.50:0.95", "small", 100),
+    ("AP", "IoU=0.50:0.95", "medium", 100), ("AP", "IoU=0.50:0.95", "large", 100),
+    ("AR", "IoU=0.50:0.95", "all", 1), ("AR", "IoU=0.50:0.95", "all", 10),
+    ("AR", "IoU=0.50:0.95", "all", 100), ("AR", "IoU=0.50:0.95", "small", 100),
+    ("AR", "IoU=0.50:0.95", "medium", 100), ("AR", "IoU=0.50:0.95", "large", 100),
+]
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
 
@@ -51,8 +59,11 @@ def coco_evaluate(coco_gt, results: list, image_ids=None) -> dict:
     except ImportError:
         raise RetinaFastError("evaluation needs pycocotools: pip install pycocotools") from None
     if not results:
-        stats = [0.0] * 12
-        return {**dict(zip(STAT_NAMES, stats)), "summary": "no detections: every AP and AR is 0"}
+        lines = [f" {'Average Precision' if n.startswith('AP') else 'Average Recall   '}  "
+                 f"({n[:2]}) @[ {iou} | area={area:>6s} | maxDets={md:>3d} ] = 0.000"
+                 for n, iou, area, md in _SUMMARY_ROWS]
+        return {**dict(zip(STAT_NAMES, [0.0] * 12)),
+                "summary": "\n".join(lines + ["(no detections: every AP and AR is 0)"])}
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys in place
