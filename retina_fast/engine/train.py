@@ -189,7 +189,8 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None) -
         total_iters = min(total_iters, cfg.max_iters)
     sched_fn = WarmupSchedule(cfg.schedule, total_iters, cfg.warmup_iters, cfg.warmup_factor,
                               milestones=[e * iters_per_epoch for e in cfg.lr_steps],
-                              gamma=cfg.lr_gamma)
+                              gamma=cfg.lr_gamma,
+                              max_warmup_frac=0.1 if cfg.time_budget else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, sched_fn)
     use_scaler = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -211,7 +212,8 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None) -
         # same flags this restores exactly what was saved.
         sched_fn.__dict__.update(WarmupSchedule(
             cfg.schedule, total_iters, cfg.warmup_iters, cfg.warmup_factor,
-            milestones=[e * iters_per_epoch for e in cfg.lr_steps], gamma=cfg.lr_gamma).__dict__)
+            milestones=[e * iters_per_epoch for e in cfg.lr_steps], gamma=cfg.lr_gamma,
+            max_warmup_frac=0.1 if cfg.time_budget else None).__dict__)
         if cfg.time_budget:
             sched_fn.total_iters = ckpt["scheduler"]["lr_lambdas"][0]["total_iters"]
         if use_scaler and ckpt.get("scaler"):
@@ -326,7 +328,7 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None) -
                 stats = {"ep": epoch, "loss": f"{rec['loss']:.4f}",
                          **{k[:3]: f"{rec[k]:.4f}" for k in losses.keys()},
                          "lr": f"{lr:.2e}", "img/s": rec.get("img_per_s", "")}
-                progress.update(it, sched_fn.total_iters, stats, log_every=cfg.log_every)
+                progress.update(it, sched_fn.total_iters, stats, force_line=it == 1, log_every=cfg.log_every)
                 if progress_callback is not None and is_main:
                     progress_callback(rec)
 
