@@ -1,5 +1,8 @@
 """Loads the compiled extension, which registers every torch.ops.retina_fast.* kernel."""
 
+# torch first: _C links against libc10/libtorch, which only torch's import puts in reach.
+import torch  # noqa: E402
+
 try:
     from retina_fast import _C  # noqa: F401  (import for its registrations)
 except ImportError as e:  # pragma: no cover - only when the build is missing
@@ -8,8 +11,6 @@ except ImportError as e:  # pragma: no cover - only when the build is missing
         f"({e}). Build it with `pip install --no-build-isolation -e .` or "
         "`python setup.py build_ext --inplace` in the source tree."
     ) from e
-
-import torch
 
 
 def cuda_built() -> bool:

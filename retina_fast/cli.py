@@ -1,0 +1,420 @@
+"""``retina-fast`` (also ``python -m retina_fast``): demo | train | eval | predict | make-shapes | bench.
+
+Errors in the user's input (a missing file, a malformed annotation file, an unknown class id,
+an unwritable folder, a bad checkpoint, a diverged run) end with a one-line
+``retina-fast: error: ...`` and exit status 2, never a traceback.
+
+CPU threads and OMP_WAIT_POLICY
+-------------------------------
+PyTorch's OpenMP threads busy-wait between parallel regions. On an idle machine that is the
+fastest setting; on a machine where other processes compete for the cores it slowed training
+10-20x (threads spin while the core they wait for is taken). ``OMP_WAIT_POLICY=PASSIVE`` keeps
+about half the speed under contention, but costs ~20% on an idle machine. The policy is read
+once, when OpenMP starts (at ``import torch``), so ``train`` and ``demo`` decide before any real
+work and, if needed, restart the process once with the variable set:
+
+* ``--omp-wait-policy auto`` (default): PASSIVE when the 1-minute load average before the run is
+  at least 40% of the cores (someone else is working), otherwise PyTorch's default (active).
+* ``active`` / ``passive``: force it. An ``OMP_WAIT_POLICY`` already in the environment wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+
+from retina_fast.data.errors import RetinaFastError
+
+log = logging.getLogger("retina_fast")
+
+
+def _ncpu() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _want_passive(policy: str) -> bool:
+    if policy == "passive":
+        return True
+    if policy == "active":
+        return False
+    try:
+        load1 = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return False
+    return load1 >= 0.4 * _ncpu()
+
+
+def _apply_omp_policy(args, argv) -> None:
+    """Restart once with OMP_WAIT_POLICY=PASSIVE when asked for (see module docstring)."""
+    if os.environ.get("OMP_WAIT_POLICY") or os.environ.get("RETINA_FAST_REEXEC"):
+        return
+    if _want_passive(args.omp_wait_policy):
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", RETINA_FAST_REEXEC="1")
+        print("[retina-fast] other processes are using the CPU: restarting with "
+              "OMP_WAIT_POLICY=PASSIVE (see --omp-wait-policy)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "retina_fast"] + list(argv), env)
+
+
+def _set_threads(args):
+    import torch
+
+    n = args.threads or max(1, _ncpu() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(n)
+
+
+def _add_runtime_flags(p, omp=True):
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if present)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for PyTorch (default: the cores available / processes per node)")
+    if omp:
+        p.add_argument("--omp-wait-policy", choices=["auto", "active", "passive"], default="auto",
+                       help="OpenMP thread waiting: passive is much faster on a busy machine, ~20%% "
+                            "slower on an idle one; auto picks passive when the load average "
+                            "says the CPU is busy (default: auto)")
+
+
+def _split_paths(args, prefix=""):
+    """(ann_file, image_dir) from --data SPLIT_DIR or --ann/--images."""
+    ann = getattr(args, f"{prefix}ann")
+    images = getattr(args, f"{prefix}images")
+    return ann, images
+
+
+def _resolve_split(path: str | None, ann: str | None, images: str | None, what: str):
+    """A split is a folder holding instances.json + images/, or an explicit annotation file and
+    image folder (e.g. COCO's annotations/instances_val2017.json and val2017/)."""
+    if ann or images:
+        if not (ann and images):
+            raise RetinaFastError(f"{what}: give both the annotation file and the image folder")
+        return ann, images
+    if path is None:
+        return None
+    if os.path.isfile(path):
+        return path, os.path.join(os.path.dirname(path), "images")
+    ann = os.path.join(path, "instances.json")
+    if not os.path.isfile(ann):
+        raise RetinaFastError(f"{what}: {path} holds no instances.json (a split folder needs "
+                              "instances.json and images/; or pass the annotation file and image folder)")
+    return ann, os.path.join(path, "images")
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+def cmd_demo(args, argv):
+    _apply_omp_policy(args, argv)
+    _set_threads(args)
+    from retina_fast.engine.demo import run_demo
+
+    run_demo(out_dir=args.out, time_budget=args.time_budget, device=args.device, seed=args.seed,
+             val_images=args.val_images, batch_size=args.batch_size, lr=args.lr,
+             workers=args.workers, amp=args.amp, max_iters=args.max_iters, progress=args.progress)
+
+
+def cmd_train(args, argv):
+    _apply_omp_policy(args, argv)
+    _set_threads(args)
+    from retina_fast.data import CocoDetection, ShapesConfig, ShapesStream, SHAPES_CATEGORIES, eval_transforms, train_transforms
+    from retina_fast.engine.evaluate import evaluate
+    from retina_fast.engine.plots import plot_loss_curve
+    from retina_fast.engine.train import TrainConfig, check_writable_dir, train
+
+    check_writable_dir(args.out)
+    model_kwargs = {}
+    if args.min_size:
+        model_kwargs["min_size"] = args.min_size if len(args.min_size) > 1 else args.min_size[0]
+    if args.max_size:
+        model_kwargs["max_size"] = args.max_size
+    for kv in args.model_opt or []:
+        k, _, v = kv.partition("=")
+        try:
+            model_kwargs[k] = json.loads(v)
+        except json.JSONDecodeError:
+            model_kwargs[k] = v
+
+    if args.shapes_stream:
+        train_set = ShapesStream(args.shapes_stream, seed=args.seed, cfg=ShapesConfig(),
+                                 transforms=train_transforms(hflip=args.hflip))
+        categories = SHAPES_CATEGORIES
+        data_root = args.data
+    else:
+        split = _resolve_split(os.path.join(args.data, "train") if args.data else None,
+                               args.train_ann, args.train_images, "training data")
+        if split is None:
+            raise RetinaFastError("no training data: give --data ROOT (with train/ and val/ split "
+                                  "folders) or --train-ann FILE --train-images DIR, or --shapes-stream N")
+        train_set = CocoDetection(*split, transforms=train_transforms(hflip=args.hflip), seed=args.seed)
+        categories = [{"id": c["id"], "name": c.get("name", str(c["id"]))} for c in train_set.categories]
+        data_root = args.data
+    val_split = None
+    if args.val_ann or args.val_images:
+        val_split = _resolve_split(None, args.val_ann, args.val_images, "validation data")
+    elif data_root and os.path.isfile(os.path.join(data_root, "val", "instances.json")):
+        val_split = _resolve_split(os.path.join(data_root, "val"), None, None, "validation data")
+    val_set = CocoDetection(*val_split, transforms=eval_transforms()) if val_split else None
+    if val_set is not None and val_set.cat_ids != [c["id"] for c in categories]:
+        raise RetinaFastError("the validation categories differ from the training categories")
+
+    cfg = TrainConfig(
+        out_dir=args.out, model=args.model, model_kwargs=model_kwargs, epochs=args.epochs,
+        batch_size=args.batch_size, workers=args.workers, optimizer=args.optimizer, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+        lr_steps=tuple(args.lr_steps or ()), lr_gamma=args.lr_gamma, warmup_iters=args.warmup_iters,
+        clip_grad=args.clip_grad, amp=args.amp, sync_bn=args.sync_bn, device=args.device,
+        seed=args.seed, resume=args.resume, time_budget=args.time_budget, max_iters=args.max_iters,
+        log_every=args.log_every, progress=args.progress,
+    )
+    result = train(cfg, train_set, categories)
+    from retina_fast.engine import distributed as rdist
+
+    if rdist.rank() == 0:
+        if result.history:
+            plot_loss_curve(result.history, os.path.join(args.out, "loss_curve.png"))
+        if val_set is not None and not args.no_eval:
+            evaluate(result.model, val_set, args.out, device=next(result.model.parameters()).device)
+        print(f"[train] checkpoint: {result.checkpoint}", flush=True)
+    rdist.cleanup()
+
+
+def cmd_eval(args, argv):
+    _set_threads(args)
+    from retina_fast.data import CocoDetection, eval_transforms
+    from retina_fast.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from retina_fast.engine.evaluate import evaluate
+    from retina_fast.engine.train import check_writable_dir, resolve_device
+
+    split = _resolve_split(args.data, args.ann, args.images, "evaluation data")
+    if split is None:
+        raise RetinaFastError("give --data SPLIT_DIR or --ann FILE --images DIR")
+    if args.out:
+        check_writable_dir(args.out)
+    dev = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    ds = CocoDetection(*split, transforms=eval_transforms())
+    ck_ids = [c["id"] for c in ckpt["categories"]]
+    if ds.cat_ids != ck_ids:
+        raise RetinaFastError(f"the dataset's category ids {ds.cat_ids[:10]} differ from the "
+                              f"checkpoint's {ck_ids[:10]}")
+    model = model_from_checkpoint(ckpt, dev)
+    evaluate(model, ds, args.out, device=dev, batch_size=args.batch_size)
+    if args.out:
+        print(f"[eval] metrics.json and detections.json written to {args.out}", flush=True)
+
+
+def cmd_predict(args, argv):
+    _set_threads(args)
+    from retina_fast.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from retina_fast.engine.predict import collect_images, predict_images
+    from retina_fast.engine.train import check_writable_dir, resolve_device
+
+    paths = collect_images(args.inputs)
+    check_writable_dir(args.out)
+    dev = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ckpt, dev)
+    names = [c.get("name", str(c["id"])) for c in ckpt["categories"]]
+    recs = predict_images(model, paths, args.out, names, device=dev, score_thresh=args.score_thresh,
+                          image_format=args.format,
+                          label_to_cat_id=[c["id"] for c in ckpt["categories"]])
+    n = sum(len(r["boxes"]) for r in recs)
+    print(f"[predict] {n} detections on {len(recs)} images; drawn images and predictions.json in {args.out}")
+
+
+def cmd_make_shapes(args, argv):
+    from retina_fast.data import ShapesConfig, write_shapes_coco
+    from retina_fast.engine.train import check_writable_dir
+
+    check_writable_dir(args.out)
+    cfg = ShapesConfig(size=args.size)
+    out = write_shapes_coco(args.out, {"train": args.train, "val": args.val}, seed=args.seed, cfg=cfg)
+    for split, d in out.items():
+        print(f"[make-shapes] {split}: {d}/instances.json + {d}/images/")
+
+
+def cmd_bench(args, argv):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bench_dir = os.path.join(root, "benchmarks")
+    files = sorted(f for f in os.listdir(bench_dir) if f.startswith("bench_")) if os.path.isdir(bench_dir) else []
+    cmd = [sys.executable, "-m", "pytest", bench_dir, "--benchmark-only", "-q"] + list(args.pytest_args)
+    if not files:
+        print("retina-fast bench runs the pytest-benchmark files benchmarks/bench_*.py of a source "
+              "checkout:\n  " + " ".join(cmd[2:]).replace(sys.executable, "python") +
+              f"\nNo benchmarks/bench_*.py found under {root}.")
+        return 0
+    print("[bench] " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd, cwd=root)
+
+
+# ------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="retina-fast",
+        description="Fast, exact RetinaNet: train, evaluate and run detectors on COCO-format data.",
+        epilog="Start with `retina-fast demo` (synthetic shapes, ~10 minutes on 2 CPU cores). "
+               "`retina-fast COMMAND --help` explains each command.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("demo", formatter_class=fmt,
+                       help="generate shapes data, train a small model, evaluate, draw predictions",
+                       description="Generate the synthetic shapes dataset (COCO format), train the "
+                                   "small shapes-small RetinaNet on it for a fixed time budget, "
+                                   "evaluate COCO mAP on 200 validation images, and write a results "
+                                   "folder: metrics.json, loss_curve.png, predictions/*.png, "
+                                   "summary.json, train/checkpoint.pt.")
+    d.add_argument("--out", default="retina_fast_demo", help="results folder")
+    d.add_argument("--time-budget", type=float, default=None,
+                   help="seconds of training (default: 480 on CPU, 75 on GPU)")
+    d.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations")
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--lr", type=float, default=2e-3)
+    d.add_argument("--workers", type=int, default=None, help="data workers rendering training images (default: 2 on CPU)")
+    d.add_argument("--val-images", type=int, default=200)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--amp", action="store_true", help="mixed precision (float16 on GPU, bfloat16 on CPU)")
+    d.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto")
+    _add_runtime_flags(d)
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", formatter_class=fmt, help="train on any COCO-format dataset",
+                       description="Train a RetinaNet on a COCO-format dataset. Data: --data ROOT "
+                                   "where ROOT/train and ROOT/val each hold instances.json and "
+                                   "images/ (what make-shapes writes), or --train-ann FILE "
+                                   "--train-images DIR [--val-ann FILE --val-images DIR] (e.g. "
+                                   "COCO 2017). Writes OUT/checkpoint.pt every epoch, "
+                                   "OUT/history.json, OUT/loss_curve.png and, with validation "
+                                   "data, OUT/metrics.json. Multi-GPU / multi-process: "
+                                   "torchrun --nproc_per_node N -m retina_fast train ...")
+    g = t.add_argument_group("data")
+    g.add_argument("--data", help="dataset root with train/ and val/ split folders")
+    g.add_argument("--train-ann", help="training annotation file (COCO instances JSON)")
+    g.add_argument("--train-images", help="training image folder")
+    g.add_argument("--val-ann", help="validation annotation file")
+    g.add_argument("--val-images", help="validation image folder")
+    g.add_argument("--shapes-stream", type=int, metavar="N", default=0,
+                   help="train on freshly rendered shapes images, N per epoch, instead of files")
+    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
+    g = t.add_argument_group("model")
+    g.add_argument("--model", default="shapes-small",
+                   help="shapes-small | resnet18-fpn | resnet34-fpn | resnet50-fpn (from scratch)")
+    g.add_argument("--min-size", type=int, nargs="+",
+                   help="input shorter side; several values = multi-scale training (the last is used "
+                        "for evaluation). Default: the model's (160 shapes-small, 800 resnets)")
+    g.add_argument("--max-size", type=int, help="input longer side at most")
+    g.add_argument("--model-opt", action="append", metavar="KEY=VALUE",
+                   help="other build_model options, e.g. norm=\"gn\", head_convs=4, box_loss=\"l1\"")
+    g = t.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=12)
+    g.add_argument("--batch-size", type=int, default=16, help="images per process")
+    g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (SGD: try 0.01 for batch 16)")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=0.05, help="not applied to norms and biases")
+    g.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine")
+    g.add_argument("--lr-steps", type=int, nargs="*", help="epochs where step decay multiplies the lr by --lr-gamma")
+    g.add_argument("--lr-gamma", type=float, default=0.1)
+    g.add_argument("--warmup-iters", type=int, default=100)
+    g.add_argument("--clip-grad", type=float, default=10.0, help="max total gradient norm, 0 = off")
+    g.add_argument("--amp", action="store_true", help="mixed precision (float16 + GradScaler on GPU, bfloat16 on CPU)")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (GPU only)")
+    g.add_argument("--time-budget", type=float, help="stop after this many seconds, cosine fitted to it")
+    g.add_argument("--max-iters", type=int, help="stop after this many iterations")
+    g = t.add_argument_group("run")
+    g.add_argument("--out", default="runs/train", help="output folder")
+    g.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint.pt (bit-for-bit)")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--log-every", type=int, default=50, help="iterations between progress lines (no TTY)")
+    g.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
+                   help="auto: a tqdm bar on a terminal, lines otherwise")
+    g.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    _add_runtime_flags(g)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", formatter_class=fmt, help="COCO mAP of a checkpoint on a COCO-format split",
+                       description="Evaluate a checkpoint with pycocotools COCOeval (bbox): prints the "
+                                   "12-number summary; with --out writes metrics.json and "
+                                   "detections.json (COCO results format).")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--data", help="split folder holding instances.json and images/")
+    e.add_argument("--ann", help="annotation file (instead of --data)")
+    e.add_argument("--images", help="image folder (instead of --data)")
+    e.add_argument("--out", help="folder for metrics.json and detections.json")
+    e.add_argument("--batch-size", type=int, default=8)
+    _add_runtime_flags(e, omp=False)
+    e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", formatter_class=fmt, help="draw detections on images",
+                        description="Run a checkpoint on image files or folders; writes each image "
+                                    "with boxes, class names and scores drawn (PNG, or JPEG for JPEG "
+                                    "inputs) and predictions.json to --out.")
+    pr.add_argument("inputs", nargs="+", help="image files or folders")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--out", default="predictions")
+    pr.add_argument("--score-thresh", type=float, default=0.4, help="draw and report detections above this score")
+    pr.add_argument("--format", choices=["png", "jpg"], help="output image format (default: like the input)")
+    _add_runtime_flags(pr, omp=False)
+    pr.set_defaults(func=cmd_predict)
+
+    m = sub.add_parser("make-shapes", formatter_class=fmt, help="write the synthetic shapes dataset (COCO format)",
+                       description="Write OUT/train and OUT/val, each with images/ and instances.json: "
+                                   "circles, squares and triangles of 8-128 px on textured backgrounds, "
+                                   "deterministic from --seed.")
+    m.add_argument("out")
+    m.add_argument("--train", type=int, default=1000, help="training images")
+    m.add_argument("--val", type=int, default=200, help="validation images")
+    m.add_argument("--size", type=int, default=160, help="image side in pixels")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=cmd_make_shapes)
+
+    b = sub.add_parser("bench", help="run the kernel benchmarks (pytest-benchmark)",
+                       description="Runs `pytest benchmarks/ --benchmark-only` in the source checkout; "
+                                   "extra arguments go to pytest (e.g. -k nms --benchmark-json out.json).")
+    b.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record):
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        rc = args.func(args, argv)
+        return int(rc or 0)
+    except RetinaFastError as e:
+        print(f"retina-fast: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        print(f"retina-fast: error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("retina-fast: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""The training loop.
+
+``train(cfg, dataset, categories)`` trains ``build_model(cfg.model, len(categories),
+**cfg.model_kwargs)`` on ``dataset`` (anything whose ``dataset[(epoch, i)]`` returns
+``(image float[3, H, W], target)``: :class:`~retina_fast.data.CocoDetection`,
+:class:`~retina_fast.data.ShapesStream`).
+
+* Optimizer: ``adamw`` (no weight decay on norms and biases) or ``sgd`` with momentum; linear
+  warmup, then ``cosine`` or ``step`` decay (milestones in epochs, torchvision's recipe).
+* Gradient clipping (``clip_grad``, total L2 norm), AMP (``amp``: float16 + GradScaler on CUDA,
+  bfloat16 autocast on CPU).
+* DDP: launched with ``torchrun --nproc_per_node N -m retina_fast train ...``; NCCL on GPU, gloo
+  on CPU; each rank reads its share through :class:`~retina_fast.data.EpochSampler`;
+  ``batch_size`` is per process. BatchNorm statistics stay per process (SyncBatchNorm is
+  GPU-only; use ``--sync-bn`` there).
+* Checkpoints: ``<out>/checkpoint.pt`` after every epoch, written atomically, holding model,
+  optimizer, scheduler, scaler, epoch, iteration, RNG states, loss history and the model recipe.
+  ``resume`` continues with the next epoch and, because every sample's content and augmentation
+  derive from ``(seed, epoch, index)``, bit-for-bit like an uninterrupted run (same device,
+  thread count and process count).
+* A non-finite loss (or, without AMP, gradient norm) stops training before the update with
+  :class:`NonFiniteLossError`; the last good checkpoint is left as it was.
+* ``time_budget`` (seconds): stop when it is spent, and fit the cosine schedule to it: the total
+  iteration count is re-estimated from the measured speed every ``log_every`` iterations, so the
+  learning rate reaches its floor as the budget runs out. Such a run is not bit-reproducible.
+* Progress: a tqdm bar with loss, lr and images/s when stderr is a terminal, otherwise a line
+  every ``log_every`` iterations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from retina_fast.data.errors import RetinaFastError
+from retina_fast.data.loader import EpochSampler, make_loader
+from retina_fast.engine import distributed as rdist
+from retina_fast.engine.checkpoint import (
+    FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state,
+)
+from retina_fast.engine.model_factory import build_model, param_groups
+from retina_fast.engine.schedule import WarmupSchedule
+
+log = logging.getLogger("retina_fast")
+
+
+class NonFiniteLossError(RetinaFastError):
+    """The loss (or gradient) became NaN/inf; training stopped before applying the update."""
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/train"
+    model: str = "shapes-small"
+    model_kwargs: dict = field(default_factory=dict)
+    epochs: int = 12
+    batch_size: int = 16            # per process
+    workers: int = 2
+    optimizer: str = "adamw"        # adamw | sgd
+    lr: float = 2e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.05
+    schedule: str = "cosine"        # cosine | step | constant
+    lr_steps: tuple = ()            # epochs at which step decay multiplies by lr_gamma
+    lr_gamma: float = 0.1
+    warmup_iters: int = 100
+    warmup_factor: float = 0.001
+    clip_grad: float = 10.0         # 0 disables
+    amp: bool = False
+    sync_bn: bool = False
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    resume: str | None = None
+    time_budget: float | None = None  # seconds of training (the demo)
+    max_iters: int | None = None
+    log_every: int = 50
+    checkpoint_every_epoch: bool = True
+    progress: str = "auto"          # auto | bar | lines | none
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    history: list
+    checkpoint: str | None
+    iterations: int
+    epochs_done: int
+    train_seconds: float
+    images_seen: int
+    stopped_by: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RetinaFastError(f"device {name} requested but no CUDA device is available")
+    return dev
+
+
+def check_writable_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise RetinaFastError(f"cannot write to output folder {path}: {e.strerror or e}") from None
+
+
+def _to_device(images, targets, device):
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: targets_i[k].to(device, non_blocking=True) for k in ("boxes", "labels", "iscrowd")
+                if k in targets_i} for targets_i in targets]
+    return images, targets
+
+
+class _Progress:
+    def __init__(self, mode: str, total: int | None, enabled: bool):
+        self.bar = None
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode = mode if enabled else "none"
+        if self.mode == "bar":
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, unit="it", dynamic_ncols=True, leave=True)
+            except ImportError:
+                self.mode = "lines"
+
+    def update(self, it, total, stats: dict, force_line=False, log_every=50):
+        if self.mode == "bar":
+            self.bar.total = total
+            self.bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in stats.items()), refresh=False)
+            self.bar.update(1)
+        elif self.mode == "lines" and (force_line or it % log_every == 0):
+            print(f"[train] it {it}/{total} " + " ".join(f"{k}={v}" for k, v in stats.items()), flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None) -> TrainResult:
+    """Train; see the module docstring. ``categories`` (COCO dicts ``{"id", "name"}`` in label
+    order) go into the checkpoint so evaluation and prediction can map labels back."""
+    device = resolve_device(cfg.device)
+    rank, world, local_rank = rdist.init_distributed(device.type)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+    is_main = rank == 0
+    if is_main:
+        check_writable_dir(cfg.out_dir)
+    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    model = build_model(cfg.model, len(categories), **cfg.model_kwargs).to(device)
+    if cfg.sync_bn and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    elif cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        raise RetinaFastError(f"unknown optimizer {cfg.optimizer!r} (adamw or sgd)")
+
+    sampler = EpochSampler(len(dataset), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    iters_per_epoch = len(sampler) // cfg.batch_size
+    if iters_per_epoch == 0:
+        raise RetinaFastError(f"the dataset has {len(dataset)} images, fewer than one batch of "
+                              f"{cfg.batch_size} per process x {world} processes; lower --batch-size")
+    total_iters = cfg.epochs * iters_per_epoch
+    if cfg.max_iters:
+        total_iters = min(total_iters, cfg.max_iters)
+    sched_fn = WarmupSchedule(cfg.schedule, total_iters, cfg.warmup_iters, cfg.warmup_factor,
+                              milestones=[e * iters_per_epoch for e in cfg.lr_steps],
+                              gamma=cfg.lr_gamma,
+                              max_warmup_frac=0.1 if cfg.time_budget else None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, sched_fn)
+    use_scaler = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+
+    start_epoch, it, history, images_seen = 0, 0, [], 0
+    model_kwargs = dict(cfg.model_kwargs)
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.resume)
+        if ckpt["model_config"]["name"] != cfg.model or ckpt["model_config"]["num_classes"] != len(categories):
+            raise RetinaFastError(
+                f"{cfg.resume} holds a {ckpt['model_config']['name']} model with "
+                f"{ckpt['model_config']['num_classes']} classes; this run builds {cfg.model} "
+                f"with {len(categories)}")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        # The schedule follows this run's flags (a longer --epochs extends the cosine); with the
+        # same flags this restores exactly what was saved.
+        sched_fn.__dict__.update(WarmupSchedule(
+            cfg.schedule, total_iters, cfg.warmup_iters, cfg.warmup_factor,
+            milestones=[e * iters_per_epoch for e in cfg.lr_steps], gamma=cfg.lr_gamma,
+            max_warmup_frac=0.1 if cfg.time_budget else None).__dict__)
+        if cfg.time_budget:
+            sched_fn.total_iters = ckpt["scheduler"]["lr_lambdas"][0]["total_iters"]
+        if use_scaler and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, it = ckpt["epoch"] + 1, ckpt["iteration"]
+        history = ckpt.get("history", [])
+        images_seen = ckpt.get("images_seen", 0)
+        set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        if is_main:
+            log.info("resumed from %s at epoch %d (iteration %d)", cfg.resume, start_epoch, it)
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    loader = make_loader(dataset, cfg.batch_size, sampler, num_workers=cfg.workers,
+                         pin_memory=device.type == "cuda")
+
+    def save(epoch):
+        # Every rank's RNG state, so each resumes its own stream.
+        rngs = [rng_state()]
+        if world > 1:
+            rngs = [None] * world
+            torch.distributed.all_gather_object(rngs, rng_state())
+        if not is_main:
+            return
+        atomic_save({
+            "format": FORMAT,
+            "model": model.state_dict(),
+            "model_config": {"name": cfg.model, "num_classes": len(categories), "kwargs": model_kwargs},
+            "categories": categories,
+            "optimizer": opt.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if use_scaler else None,
+            "epoch": epoch,
+            "iteration": it,
+            "images_seen": images_seen,
+            "rng": rngs if world > 1 else rngs[0],
+            "history": history,
+            "train_config": dataclasses.asdict(cfg),
+            "world_size": world,
+        }, ckpt_path)
+        with open(os.path.join(cfg.out_dir, "history.json"), "w") as f:
+            json.dump(history, f)
+
+    progress = _Progress(cfg.progress, sched_fn.total_iters, is_main)
+    t0 = time.perf_counter()
+    speed_mark = (t0, it)
+    stopped_by = "epochs"
+    epoch = start_epoch - 1
+    ddp_model.train()
+    try:
+        for epoch in range(start_epoch, cfg.epochs if cfg.time_budget is None else 10 ** 9):
+            sampler.set_epoch(epoch)
+            stop = False
+            for images, targets in loader:
+                images, targets = _to_device(images, targets, device)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+                    losses = ddp_model(images, targets)
+                loss = sum(losses.values())
+                elapsed = time.perf_counter() - t0
+                # One small all-reduce carries everything the ranks must agree on.
+                flags = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0,
+                                      1.0 if cfg.time_budget and elapsed >= cfg.time_budget else 0.0,
+                                      float(sched_fn.total_iters) if is_main else 0.0])
+                vals = torch.stack([loss.detach().float()] + [v.detach().float() for v in losses.values()]).cpu()
+                if world > 1:
+                    rdist.all_reduce_max(flags)
+                    rdist.all_reduce_mean(vals)
+                if flags[0] > 0:
+                    parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                    raise NonFiniteLossError(
+                        f"non-finite loss at epoch {epoch}, iteration {it} ({parts}); stopped before "
+                        f"the update. The last good checkpoint is untouched"
+                        f"{' at ' + ckpt_path if os.path.exists(ckpt_path) else ' (none written yet)'}. "
+                        "Try a lower --lr, --warmup-iters longer, --clip-grad, or no --amp")
+                sched_fn.total_iters = int(flags[2].item())
+
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.clip_grad and cfg.clip_grad > 0:
+                    scaler.unscale_(opt)
+                    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                    if not use_scaler and not torch.isfinite(gnorm):
+                        raise NonFiniteLossError(
+                            f"non-finite gradient norm at epoch {epoch}, iteration {it}; stopped "
+                            "before the update, the last good checkpoint is untouched. Try a lower --lr")
+                scaler.step(opt)
+                scaler.update()
+                scheduler.step()
+                it += 1
+                images_seen += len(images) * world
+
+                lr = opt.param_groups[0]["lr"]
+                rec = {"iter": it, "epoch": epoch, "loss": round(vals[0].item(), 5),
+                       **{k: round(v, 5) for k, v in zip(losses.keys(), vals[1:].tolist())},
+                       "lr": lr, "time": round(elapsed, 3)}
+                history.append(rec)
+
+                now = time.perf_counter()
+                if it % cfg.log_every == 0 or it == 1:
+                    dt = now - speed_mark[0]
+                    ips = (it - speed_mark[1]) * cfg.batch_size * world / max(dt, 1e-9)
+                    if cfg.time_budget and is_main and it - speed_mark[1] >= 5:
+                        # Fit the schedule to the budget from the recent speed.
+                        left = cfg.time_budget - (now - t0)
+                        est = it + max(0, int(left * (it - speed_mark[1]) / dt))
+                        sched_fn.total_iters = max(it + 1, min(est, cfg.max_iters or est))
+                    speed_mark = (now, it)
+                    rec["img_per_s"] = round(ips, 2)
+                stats = {"ep": epoch, "loss": f"{rec['loss']:.4f}",
+                         **{k[:3]: f"{rec[k]:.4f}" for k in losses.keys()},
+                         "lr": f"{lr:.2e}", "img/s": rec.get("img_per_s", "")}
+                progress.update(it, sched_fn.total_iters, stats, force_line=it == 1, log_every=cfg.log_every)
+                if progress_callback is not None and is_main:
+                    progress_callback(rec)
+
+                if flags[1] > 0:
+                    stopped_by, stop = "time_budget", True
+                elif cfg.max_iters and it >= cfg.max_iters:
+                    stopped_by, stop = "max_iters", True
+                if stop:
+                    break
+            if cfg.checkpoint_every_epoch or stop:
+                save(epoch)
+            if stop:
+                break
+    finally:
+        progress.close()
+        # Stop the persistent workers now rather than at interpreter exit.
+        del loader
+    train_seconds = time.perf_counter() - t0
+    if is_main:
+        log.info("trained %d iterations (%d images) in %.1f s, %.1f img/s; stopped by %s",
+                 it, images_seen, train_seconds, images_seen / max(train_seconds, 1e-9), stopped_by)
+    return TrainResult(model=_unwrap(ddp_model), history=history,
+                       checkpoint=ckpt_path if os.path.exists(ckpt_path) else None,
+                       iterations=it, epochs_done=epoch + 1, train_seconds=train_seconds,
+                       images_seen=images_seen, stopped_by=stopped_by)
