@@ -74,7 +74,7 @@ float logit_cut(double thresh_t) {
 }
 
 struct Cand {
-  float score;  // the score in the logits' dtype, widened (exact)
+  double score;  // the score in the logits' dtype, widened (exact)
   int64_t idx;  // flat index within the level, anchor * K + label
 };
 
@@ -147,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_impl(
       const scalar_t* s = sig.const_data_ptr<scalar_t>();
       std::vector<Cand>& out = sel[q];
       for (int64_t j = 0; j < m; ++j) {
-        if (s[j] > thresh_t) out.push_back({static_cast<float>(s[j]), idx[j]});
+        if (s[j] > thresh_t) out.push_back({static_cast<double>(s[j]), idx[j]});
       }
       const int64_t k = std::min<int64_t>(topk, static_cast<int64_t>(out.size()));
       auto better = [](const Cand& a, const Cand& c) {
