@@ -38,24 +38,47 @@ using acc_type = std::conditional_t<std::is_same<scalar_t, double>::value, doubl
 
 constexpr int kVec = 4;
 
-// Target of element i: dense array, or derived from the row's label.
+// Target of element i of a grid-stride loop (start(i0, stride), then advance() per step):
+// get(i, t) sets the target and returns false for an ignored element.
 template <typename scalar_t, typename acc_t>
 struct DenseTarget {
   const scalar_t* t;
-  __device__ __forceinline__ acc_t operator()(int64_t i) const { return acc_t(t[i]); }
-  __device__ __forceinline__ bool ignored(int64_t) const { return false; }
+  __device__ __forceinline__ void start(int64_t, int64_t) {}
+  __device__ __forceinline__ void advance() {}
+  __device__ __forceinline__ bool get(int64_t i, acc_t& out) const {
+    out = acc_t(t[i]);
+    return true;
+  }
 };
 
+// Row r = i / K and column c = i % K are carried along the loop instead of dividing per
+// element: a 64-bit division is ~100 integer instructions, enough to make this memory-bound
+// kernel compute-bound.
 template <typename acc_t>
 struct LabelTarget {
   const int64_t* labels;
   int64_t K;
   acc_t pos, neg;
-  __device__ __forceinline__ acc_t operator()(int64_t i) const {
-    const int64_t r = i / K;
-    return labels[r] == i - r * K ? pos : neg;
+  int64_t r = 0, c = 0, sr = 0, sc = 0;
+  __device__ __forceinline__ void start(int64_t i0, int64_t stride) {
+    r = i0 / K;
+    c = i0 - r * K;
+    sr = stride / K;
+    sc = stride - sr * K;
   }
-  __device__ __forceinline__ bool ignored(int64_t i) const { return labels[i / K] == kIgnore; }
+  __device__ __forceinline__ void advance() {
+    c += sc;
+    r += sr;
+    if (c >= K) {
+      c -= K;
+      ++r;
+    }
+  }
+  __device__ __forceinline__ bool get(int64_t, acc_t& out) const {
+    const int64_t l = labels[r];
+    out = l == c ? pos : neg;
+    return l != kIgnore;
+  }
 };
 
 // ------------------------------------------------------------------ forward
@@ -68,8 +91,12 @@ __global__ void forward_kernel(const scalar_t* __restrict__ x, Target tgt, int64
   __shared__ acc_t smem[32];
   acc_t acc = 0;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const acc_t v = tgt.ignored(i) ? acc_t(0) : loss<acc_t, CudaMath, G>(acc_t(x[i]), tgt(i), p);
+  const int64_t i0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  tgt.start(i0, stride);
+  for (int64_t i = i0; i < n; i += stride, tgt.advance()) {
+    acc_t t;
+    const bool use = tgt.get(i, t);
+    const acc_t v = use ? loss<acc_t, CudaMath, G>(acc_t(x[i]), t, p) : acc_t(0);
     if (out) out[i] = scalar_t(v);
     else acc += v;
   }
@@ -149,10 +176,13 @@ __global__ void backward_kernel(const scalar_t* __restrict__ x, Target tgt, int6
   acc_t s = 1;
   if (gscale) s = acc_t(double(*gscale) / (count ? double(*count) * div : div));
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+  const int64_t i0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  tgt.start(i0, stride);
+  for (int64_t i = i0; i < n; i += stride, tgt.advance()) {
+    acc_t t;
     acc_t v = 0;
-    if (!tgt.ignored(i)) {
-      v = s * dloss<acc_t, CudaMath, G>(acc_t(x[i]), tgt(i), p);
+    if (tgt.get(i, t)) {
+      v = s * dloss<acc_t, CudaMath, G>(acc_t(x[i]), t, p);
       if (g) v *= acc_t(g[i]);
     }
     gin[i] = scalar_t(v);
