@@ -59,4 +59,20 @@ TORCH_LIBRARY(retina_fast, m) {
       "float clip) -> Tensor");
 
   // ---- nms and post-processing (csrc/nms) ----
+  // Kept indices (int64) in descending score order, lower index first among equal scores;
+  // suppress iff IoU > iou_threshold.
+  m.def("nms(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor");
+  m.def("batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold) -> Tensor");
+  // Per-image kept lists of (image, class) segments: (keep [num_images, W] padded with -1,
+  // counts [num_images]); W = max_per_image, or the largest count when max_per_image < 0.
+  m.def(
+      "batched_nms_multi(Tensor boxes, Tensor scores, Tensor idxs, Tensor image_ids, "
+      "int num_images, float iou_threshold, int max_per_image) -> (Tensor, Tensor)");
+  // RetinaNet post-processing of a batch: (boxes [B, D, 4], scores [B, D], labels [B, D] int64,
+  // counts [B] int64), D = detections_per_img, rows past counts[b] padded (0, 0, -1).
+  m.def(
+      "postprocess_detections(Tensor cls_logits, Tensor bbox_regression, Tensor anchors, "
+      "Tensor image_sizes, int[] num_anchors_per_level, float score_thresh, "
+      "int topk_candidates, float nms_thresh, int detections_per_img) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }

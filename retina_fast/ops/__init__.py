@@ -12,6 +12,13 @@ from retina_fast.ops.boxes import (
     matched_targets,
 )
 from retina_fast.ops.focal_loss import sigmoid_focal_loss, sigmoid_focal_loss_labels
+from retina_fast.ops.nms import (
+    batched_nms,
+    batched_nms_multi,
+    nms,
+    postprocess_detections,
+    postprocess_detections_padded,
+)
 
 __all__ = [
     "box_iou",
@@ -23,4 +30,9 @@ __all__ = [
     "decode_boxes",
     "sigmoid_focal_loss",
     "sigmoid_focal_loss_labels",
+    "nms",
+    "batched_nms",
+    "batched_nms_multi",
+    "postprocess_detections",
+    "postprocess_detections_padded",
 ]
