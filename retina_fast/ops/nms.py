@@ -171,6 +171,10 @@ def postprocess_detections(
         Scores are torch's sigmoid (CPU: computed by ``torch.sigmoid`` itself; CUDA: the same
         formula as torch's CUDA kernel). Ties (exactly equal scores) are resolved by the lower
         index (top-k) and by level order (NMS), where torchvision's order is unspecified.
+        Boxes are decoded by ``decode_box`` (csrc/common/box_math.h), whose C-library exp can
+        differ from torch's vectorised exp by an ulp, so boxes match torchvision's to ~1e-6
+        relative rather than bitwise. CUDA, float64 logits only: the per-level top-k ranks by
+        the score rounded to float32 (ties then by index), the NMS order uses full float64.
 
     The padded outputs are computed without any host synchronisation; splitting them into a
     list reads ``counts`` on the host (on CUDA, the one sync; under torch.compile a graph
