@@ -146,9 +146,11 @@ class RetinaNetLoss(nn.Module):
     def match(self, anchors: Tensor, packed: PackedTargets):
         """``MatchedTargets(labels [B, A], regression_targets [B, A, 4], matches [B, A])`` with
         crowd regions applied (-2 on background anchors inside them)."""
+        # counts come from pack_targets, in [0, M] by construction: skip the CUDA range check
+        # (a device sync)
         mt = matched_targets(anchors, packed.boxes, packed.labels, packed.counts, self.fg_iou_thresh,
                              self.bg_iou_thresh, self.allow_low_quality_matches, self.zero_iou_quirk,
-                             self.box_coder_weights)
+                             self.box_coder_weights, check_counts=False)
         if packed.crowd_counts is not None:
             labels, matches = _crowd_ignore(mt.labels, mt.matches, anchors, packed, self.crowd_ioa_thresh)
             mt = mt._replace(labels=labels, matches=matches)
