@@ -9,4 +9,16 @@ from retina_fast import ops
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "cuda_built", "__version__"]
+__all__ = ["ops", "cuda_built", "patch_torchvision", "unpatch_torchvision", "patched_torchvision", "__version__"]
+
+
+_LAZY = {"patch_torchvision", "unpatch_torchvision", "patched_torchvision"}
+
+
+def __getattr__(name):
+    # The torchvision patch imports torchvision and the models: only when asked for.
+    if name in _LAZY:
+        from retina_fast import patch
+
+        return getattr(patch, name)
+    raise AttributeError(f"module 'retina_fast' has no attribute {name!r}")

@@ -5,11 +5,12 @@ Every model here follows torchvision's detection contract:
 "bbox_regression"}`` losses in train mode, ``model(images)`` → ``[{"boxes", "scores",
 "labels"}]`` in eval mode, and ``model.transform`` resizes (min/max size), normalises and pads.
 
-For now the detector is torchvision's ``RetinaNet`` class (a thin subclass that understands crowd
-boxes, see :class:`CrowdAwareRetinaNet`). When ``retina_fast.models`` lands, swap
-``_detector_class`` / the three builders below for it; nothing else in the engine or the CLI
-needs to change (checkpoints record ``name``, ``num_classes`` and the keyword arguments, and are
-rebuilt through this function).
+The detector is :class:`retina_fast.models.RetinaNet` (anchors, matching, focal and box losses
+and post-processing on retina_fast's kernels; torchvision's module names, so checkpoints of the
+earlier torchvision-based builders load unchanged). Crowd boxes (``target["iscrowd"]``) are
+never matched, and background anchors mostly inside one are ignored (see
+:class:`retina_fast.models.RetinaNet`). Checkpoints record ``name``, ``num_classes`` and the
+keyword arguments, and are rebuilt through this function.
 
 Names:
 
@@ -34,11 +35,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from functools import partial
 
-import torch
 from torch import nn
-from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops import FeaturePyramidNetwork, box_iou
+
+from retina_fast.models import AnchorGenerator, FeaturePyramidNetwork, RetinaNet, RetinaNetHead
+from retina_fast.models.backbone import resnet_fpn_backbone
 
 MODEL_NAMES = ("shapes-small", "resnet18-fpn", "resnet50-fpn")
 
@@ -46,38 +46,9 @@ MODEL_NAMES = ("shapes-small", "resnet18-fpn", "resnet50-fpn")
 # (intersection / anchor area) are ignored (-2) instead of trained as background.
 CROWD_IOA_THRESH = 0.5
 
-
-class CrowdAwareRetinaNet(RetinaNet):
-    """torchvision's RetinaNet, plus crowd regions: ``target["iscrowd"]`` (optional) marks boxes
-    that are never matched; background anchors mostly inside them get label -2 (no loss)."""
-
-    def compute_loss(self, targets, head_outputs, anchors):
-        matched_idxs, clean = [], []
-        for anchors_per_image, t in zip(anchors, targets):
-            boxes, labels = t["boxes"], t["labels"]
-            crowd = t.get("iscrowd")
-            crowd = crowd.bool() if crowd is not None else torch.zeros_like(labels, dtype=torch.bool)
-            keep = ~crowd
-            boxes_k, labels_k = boxes[keep], labels[keep]
-            clean.append({"boxes": boxes_k, "labels": labels_k})
-            if boxes_k.numel() == 0:
-                m = torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64,
-                               device=anchors_per_image.device)
-            else:
-                m = self.proposal_matcher(box_iou(boxes_k, anchors_per_image))
-            if bool(crowd.any()):
-                cb = boxes[crowd]
-                lt = torch.max(anchors_per_image[:, None, :2], cb[None, :, :2])
-                rb = torch.min(anchors_per_image[:, None, 2:], cb[None, :, 2:])
-                inter = (rb - lt).clamp(min=0).prod(-1)  # [A, C]
-                area = (anchors_per_image[:, 2:] - anchors_per_image[:, :2]).prod(-1)
-                ioa = (inter / area.clamp(min=1e-6)[:, None]).max(dim=1).values
-                m = torch.where((m == -1) & (ioa >= CROWD_IOA_THRESH), torch.full_like(m, -2), m)
-            matched_idxs.append(m)
-        return self.head.compute_loss(clean, head_outputs, anchors, matched_idxs)
-
-
-_detector_class = CrowdAwareRetinaNet
+# Our RetinaNet handles crowd boxes itself; the name stays for code that checks for it.
+CrowdAwareRetinaNet = RetinaNet
+_detector_class = RetinaNet
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -117,12 +88,6 @@ class PlainConvFPNBackbone(nn.Module):
         return self.fpn(feats)
 
 
-def _trim_head(head: RetinaNetHead, n_convs: int) -> None:
-    if n_convs < 4:
-        head.classification_head.conv = nn.Sequential(*list(head.classification_head.conv)[:n_convs])
-        head.regression_head.conv = nn.Sequential(*list(head.regression_head.conv)[:n_convs])
-
-
 def _post_kw(kw):
     return {k: kw.pop(k) for k in ("score_thresh", "nms_thresh", "detections_per_img",
                                    "topk_candidates") if k in kw}
@@ -139,33 +104,25 @@ def build_shapes_small(num_classes: int, min_size=160, max_size=None, norm="bn",
     sizes = tuple(tuple(int(8 * 2 ** lvl * 2 ** (k / 3)) for k in range(3)) for lvl in range(n_levels))
     anchor_gen = AnchorGenerator(sizes, ((1.0,),) * n_levels)
     head = RetinaNetHead(fpn_channels, anchor_gen.num_anchors_per_location()[0], num_classes,
-                         norm_layer=partial(nn.GroupNorm, min(32, fpn_channels // 4)))
-    _trim_head(head, head_convs)
-    head.regression_head._loss_type = box_loss
+                         norm_layer=partial(nn.GroupNorm, min(32, fpn_channels // 4)), num_convs=head_convs)
     if max_size is None:
         max_size = max(min_size) if isinstance(min_size, (tuple, list)) else min_size
     return _detector_class(backbone, num_classes, min_size=min_size, max_size=max_size,
-                           anchor_generator=anchor_gen, head=head, **post)
+                           anchor_generator=anchor_gen, head=head, box_loss=box_loss,
+                           crowd_ioa_thresh=CROWD_IOA_THRESH, **post)
 
 
 def build_resnet_fpn(depth: int, num_classes: int, min_size=800, max_size=1333, box_loss="l1",
                      **kw):
-    from torchvision.models import resnet18, resnet34, resnet50
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
-
     post = _post_kw(kw)
     if kw:
         raise TypeError(f"unknown option(s) for resnet{depth}-fpn: {sorted(kw)}")
-    ctor = {18: resnet18, 34: resnet34, 50: resnet50}[depth]
-    # From scratch: plain BatchNorm (FrozenBatchNorm only makes sense with pretrained weights).
-    body = ctor(weights=None, norm_layer=nn.BatchNorm2d)
-    p6_in = 256 if depth == 50 else 256
-    backbone = _resnet_fpn_extractor(body, 5, returned_layers=[2, 3, 4],
-                                     extra_blocks=LastLevelP6P7(p6_in, 256))
-    model = _detector_class(backbone, num_classes, min_size=min_size, max_size=max_size, **post)
-    model.head.regression_head._loss_type = box_loss
-    return model
+    # From scratch: plain BatchNorm (FrozenBatchNorm only makes sense with pretrained weights),
+    # every stage trainable, P6 from P5 (torchvision's retinanet_resnet50_fpn).
+    backbone = resnet_fpn_backbone(depth, trainable_layers=5, returned_layers=[2, 3, 4],
+                                   norm_layer=nn.BatchNorm2d, p6_from="p5")
+    return _detector_class(backbone, num_classes, min_size=min_size, max_size=max_size,
+                           box_loss=box_loss, crowd_ioa_thresh=CROWD_IOA_THRESH, **post)
 
 
 def build_model(name: str, num_classes: int, **kw) -> nn.Module:

@@ -28,18 +28,21 @@ def test_crowd_boxes_become_ignored_anchors(monkeypatch):
     m = build_model("shapes-small", 3, **TINY_MODEL)
     assert isinstance(m, CrowdAwareRetinaNet)
     seen = {}
+    match = m.loss.match
 
-    def capture(targets, head_outputs, anchors, matched_idxs):
-        seen["targets"], seen["matched"], seen["anchors"] = targets, matched_idxs, anchors
-        return {"classification": torch.zeros(()), "bbox_regression": torch.zeros(())}
+    def capture(anchors, packed):
+        out = match(anchors, packed)
+        seen["packed"], seen["matched"], seen["anchors"] = packed, out.matches, anchors
+        return out
 
-    monkeypatch.setattr(m.head, "compute_loss", capture)
+    monkeypatch.setattr(m.loss, "match", capture)
     boxes = torch.tensor([[2.0, 2.0, 20.0, 20.0], [30.0, 30.0, 62.0, 62.0]])
     target = {"boxes": boxes, "labels": torch.tensor([0, 1]), "iscrowd": torch.tensor([0, 1])}
     m.train()
     m([torch.rand(3, 64, 64)], [target])
-    matched, anchors = seen["matched"][0], seen["anchors"][0]
-    assert seen["targets"][0]["boxes"].tolist() == [boxes[0].tolist()]   # crowd box never matched
+    matched, anchors, packed = seen["matched"][0], seen["anchors"], seen["packed"]
+    assert packed.counts.tolist() == [1]  # crowd box never matched: only box 0 is a match target
+    assert packed.boxes[0, 0].tolist() == boxes[0].tolist()
     assert matched.max() == 0 and (matched == 0).any()
     inside = ((anchors[:, 0] >= 30) & (anchors[:, 1] >= 30) & (anchors[:, 2] <= 62) & (anchors[:, 3] <= 62))
     assert inside.any() and (matched[inside] == -2).all()

@@ -1,0 +1,92 @@
+"""ResNet + FPN backbones with torchvision's module names (``body.*``, ``fpn.*``).
+
+The ResNet body is torchvision's (``weights=None``: nothing is ever downloaded); the FPN is
+ours (:mod:`retina_fast.models.fpn`).
+"""
+
+from collections import OrderedDict
+from typing import Callable, List, Optional
+
+from torch import Tensor, nn
+from torchvision.models import resnet
+from torchvision.models._utils import IntermediateLayerGetter
+
+from retina_fast.models.fpn import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
+
+__all__ = ["BackboneWithFPN", "resnet_fpn_backbone"]
+
+
+class BackboneWithFPN(nn.Module):
+    """``body`` (returns the chosen stages as an OrderedDict) followed by ``fpn``.
+
+    ``out_channels`` is the FPN width (the head's input)."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        return_layers: "OrderedDict[str, str] | dict",
+        in_channels_list: List[int],
+        out_channels: int,
+        extra_blocks: Optional[nn.Module] = None,
+        norm_layer: Optional[Callable[..., nn.Module]] = None,
+    ):
+        super().__init__()
+        self.body = IntermediateLayerGetter(backbone, return_layers=dict(return_layers))
+        self.fpn = FeaturePyramidNetwork(in_channels_list, out_channels, extra_blocks, norm_layer)
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        return self.fpn(self.body(x))
+
+
+_RESNETS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101}
+
+
+def resnet_fpn_backbone(
+    depth: int = 50,
+    trainable_layers: int = 5,
+    returned_layers: Optional[List[int]] = None,
+    extra_blocks: Optional[nn.Module] = None,
+    norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+    fpn_channels: int = 256,
+    p6_from: str = "p5",
+) -> BackboneWithFPN:
+    """torchvision's ``_resnet_fpn_extractor(resnetN(weights=None, norm_layer), ...)``.
+
+    Args:
+        depth: 18, 34, 50 or 101.
+        trainable_layers: stages left trainable, counted from the top (0..5; 5 also trains
+            ``bn1``); the others get ``requires_grad=False``, as in torchvision.
+        returned_layers: ResNet stages (1..4) fed to the FPN; default ``[2, 3, 4]`` (C3-C5).
+        extra_blocks: extra FPN levels; default ``LastLevelP6P7`` from P5 (``p6_from="p5"``,
+            RetinaNet v1) or from C5 (``p6_from="c5"``, v2).
+        norm_layer: the body's norm (``FrozenBatchNorm2d`` for pretrained weights).
+        fpn_channels: FPN width (256 in torchvision).
+    """
+    if depth not in _RESNETS:
+        raise ValueError(f"resnet_fpn_backbone: depth must be one of {sorted(_RESNETS)}, got {depth}")
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"Trainable layers should be in the range [0,5], got {trainable_layers}")
+    body = _RESNETS[depth](weights=None, norm_layer=norm_layer)
+    layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        layers_to_train.append("bn1")
+    for name, p in body.named_parameters():
+        if all(not name.startswith(layer) for layer in layers_to_train):
+            p.requires_grad_(False)
+    returned_layers = list(returned_layers or [2, 3, 4])
+    if min(returned_layers) <= 0 or max(returned_layers) >= 5:
+        raise ValueError(f"Each returned layer should be in the range [1,4]. Got {returned_layers}")
+    return_layers = {f"layer{k}": str(v) for v, k in enumerate(returned_layers)}
+    c2 = body.inplanes // 8  # layer1's output width (64 for ResNet-18/34, 256 for ResNet-50)
+    in_channels_list = [c2 * 2 ** (i - 1) for i in returned_layers]
+    if extra_blocks is None:
+        if p6_from == "p5":
+            extra_blocks = LastLevelP6P7(fpn_channels, fpn_channels)
+        elif p6_from == "c5":
+            extra_blocks = LastLevelP6P7(in_channels_list[-1], fpn_channels)
+        elif p6_from == "pool":
+            extra_blocks = LastLevelMaxPool()
+        else:
+            raise ValueError(f"p6_from must be 'p5', 'c5' or 'pool', got {p6_from!r}")
+    return BackboneWithFPN(body, return_layers, in_channels_list, fpn_channels, extra_blocks)
