@@ -28,12 +28,13 @@ TORCH_LIBRARY(retina_fast, m) {
       "sigmoid_focal_loss_backward(Tensor grad, Tensor inputs, Tensor targets, float alpha, "
       "float gamma, int reduction) -> Tensor");
   // labels[N] int64: [0, K) foreground class, -1 background, -2 ignored.
+  // weights[N] (optional): row i's loss is multiplied by weights[i] (per-image normalisers).
   m.def(
-      "sigmoid_focal_loss_labels(Tensor logits, Tensor labels, float alpha, float gamma, "
-      "int reduction, float label_smoothing) -> Tensor");
+      "sigmoid_focal_loss_labels(Tensor logits, Tensor labels, Tensor? weights, float alpha, "
+      "float gamma, int reduction, float label_smoothing) -> Tensor");
   m.def(
       "sigmoid_focal_loss_labels_backward(Tensor grad, Tensor logits, Tensor labels, "
-      "float alpha, float gamma, int reduction, float label_smoothing) -> Tensor");
+      "Tensor? weights, float alpha, float gamma, int reduction, float label_smoothing) -> Tensor");
 
   // ---- boxes (csrc/boxes) ----
   // Boxes are (x1, y1, x2, y2). box_iou: [N, 4] x [M, 4] -> [N, M] (float32 for 16-bit boxes).

@@ -19,7 +19,7 @@ import sys, torch
 torch.ops.load_library(sys.argv[1])
 x = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
 labels = torch.tensor([1, -1])
-out = torch.ops.retina_fast.sigmoid_focal_loss_labels(x, labels, 0.25, 2.0, 0, 0.0)
+out = torch.ops.retina_fast.sigmoid_focal_loss_labels(x, labels, None, 0.25, 2.0, 0, 0.0)
 t = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
 p = torch.sigmoid(x)
 ce = torch.nn.functional.binary_cross_entropy_with_logits(x, t, reduction="none")
@@ -27,7 +27,7 @@ p_t = p * t + (1 - p) * (1 - t)
 expected = (0.25 * t + 0.75 * (1 - t)) * ce * (1 - p_t) ** 2
 torch.testing.assert_close(out, expected)
 try:
-    torch.ops.retina_fast.sigmoid_focal_loss_labels(x, torch.tensor([5, 0]), 0.25, 2.0, 0, 0.0)
+    torch.ops.retina_fast.sigmoid_focal_loss_labels(x, torch.tensor([5, 0]), None, 0.25, 2.0, 0, 0.0)
 except RuntimeError as e:
     assert "expected every label" in str(e), e
 else:

@@ -41,6 +41,17 @@ inline void check_labels(const at::Tensor& logits, const at::Tensor& labels, dou
               ": expected label_smoothing in [0, 1], got ", label_smoothing);
 }
 
+// Optional per-row weights [N], floating, on the logits' device.
+inline void check_row_weights(const c10::optional<at::Tensor>& weights, const at::Tensor& logits,
+                              const char* op) {
+  if (!weights.has_value()) return;
+  const at::Tensor& w = *weights;
+  check_floating(w, op, "weights");
+  check_same_device(w, logits, op, "weights", "logits");
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == logits.size(0), op,
+              ": expected weights of shape [N] = [", logits.size(0), "], got ", w.sizes());
+}
+
 inline void check_grad(const at::Tensor& grad, const at::Tensor& like, int64_t reduction,
                        const char* op) {
   check_same_device(grad, like, op, "grad", "inputs");

@@ -294,12 +294,15 @@ int64_t count_valid_rows(const int64_t* lp, int64_t N, int64_t K, const char* op
   return valid;
 }
 
-at::Tensor labels_forward_cpu(const at::Tensor& logits, const at::Tensor& labels, double alpha,
-                              double gamma, int64_t reduction, double label_smoothing) {
+at::Tensor labels_forward_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                              const c10::optional<at::Tensor>& weights, double alpha, double gamma,
+                              int64_t reduction, double label_smoothing) {
   const char* op = "retina_fast::sigmoid_focal_loss_labels";
   check_labels(logits, labels, gamma, reduction, label_smoothing, op);
+  check_row_weights(weights, logits, op);
   const at::Tensor x = logits.contiguous();
   const at::Tensor lab = labels.contiguous();
+  const at::Tensor w = weights.has_value() ? weights->to(at::kDouble).contiguous() : at::Tensor();
   const int64_t N = x.size(0), K = x.size(1);
   const Gamma kind = gamma_kind(gamma);
   const LabelTargets tg = label_targets(label_smoothing);
@@ -314,6 +317,7 @@ at::Tensor labels_forward_cpu(const at::Tensor& logits, const at::Tensor& labels
     using acc_t = typename C::acc_t;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const int64_t* lp = lab.const_data_ptr<int64_t>();
+    const double* wp = w.defined() ? w.const_data_ptr<double>() : nullptr;
     scalar_t* op_ = out.defined() ? out.mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
       acc_t buf[kChunk];
@@ -335,8 +339,15 @@ at::Tensor labels_forward_cpu(const at::Tensor& logits, const at::Tensor& labels
             if (l >= c && l < c + len) {
               C::loss(xr + l, nullptr, acc_t(tg.pos), buf + (l - c), 1, alpha, gamma, kind);
             }
-            if (op_) C::store(buf, op_ + r * K + c, len);
-            else acc += C::sum(buf, len);
+            if (op_) {
+              if (wp) {
+                const acc_t wr = acc_t(wp[r]);
+                for (int64_t i = 0; i < len; ++i) buf[i] *= wr;
+              }
+              C::store(buf, op_ + r * K + c, len);
+            } else {
+              acc += (wp ? wp[r] : 1.0) * C::sum(buf, len);
+            }
           }
         }
         partials[b] = acc;
@@ -356,13 +367,16 @@ at::Tensor labels_forward_cpu(const at::Tensor& logits, const at::Tensor& labels
 }
 
 at::Tensor labels_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
-                               const at::Tensor& labels, double alpha, double gamma,
-                               int64_t reduction, double label_smoothing) {
+                               const at::Tensor& labels, const c10::optional<at::Tensor>& weights,
+                               double alpha, double gamma, int64_t reduction,
+                               double label_smoothing) {
   const char* op = "retina_fast::sigmoid_focal_loss_labels_backward";
   check_labels(logits, labels, gamma, reduction, label_smoothing, op);
+  check_row_weights(weights, logits, op);
   check_grad(grad, logits, reduction, op);
   const at::Tensor x = logits.contiguous();
   const at::Tensor lab = labels.contiguous();
+  const at::Tensor w = weights.has_value() ? weights->to(at::kDouble).contiguous() : at::Tensor();
   const int64_t N = x.size(0), K = x.size(1);
   const Gamma kind = gamma_kind(gamma);
   const LabelTargets tg = label_targets(label_smoothing);
@@ -385,6 +399,7 @@ at::Tensor labels_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.defined() ? g.const_data_ptr<scalar_t>() : nullptr;
     const int64_t* lp = lab.const_data_ptr<int64_t>();
+    const double* wp = w.defined() ? w.const_data_ptr<double>() : nullptr;
     scalar_t* out = gin.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
       acc_t buf[kChunk];
@@ -398,13 +413,14 @@ at::Tensor labels_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
         }
         const scalar_t* xr = xp + r * K;
         const scalar_t* gr = gp ? gp + r * K : nullptr;
+        const acc_t gs = acc_t(wp ? gscale * wp[r] : gscale);
         for (int64_t c = 0; c < K; c += kChunk) {
           const int64_t len = std::min(kChunk, K - c);
-          C::grad(xr + c, nullptr, acc_t(tg.neg), gr ? gr + c : nullptr, acc_t(gscale), buf, len,
-                  alpha, gamma, kind);
+          C::grad(xr + c, nullptr, acc_t(tg.neg), gr ? gr + c : nullptr, gs, buf, len, alpha, gamma,
+                  kind);
           if (l >= c && l < c + len) {
-            C::grad(xr + l, nullptr, acc_t(tg.pos), gr ? gr + l : nullptr, acc_t(gscale),
-                    buf + (l - c), 1, alpha, gamma, kind);
+            C::grad(xr + l, nullptr, acc_t(tg.pos), gr ? gr + l : nullptr, gs, buf + (l - c), 1,
+                    alpha, gamma, kind);
           }
           C::store(buf, orow + c, len);
         }

@@ -39,14 +39,15 @@ using acc_type = std::conditional_t<std::is_same<scalar_t, double>::value, doubl
 constexpr int kVec = 4;
 
 // Target of element i of a grid-stride loop (start(i0, stride), then advance() per step):
-// get(i, t) sets the target and returns false for an ignored element.
+// get(i, t, w) sets the target and the row weight, and returns false for an ignored element.
 template <typename scalar_t, typename acc_t>
 struct DenseTarget {
   const scalar_t* t;
   __device__ __forceinline__ void start(int64_t, int64_t) {}
   __device__ __forceinline__ void advance() {}
-  __device__ __forceinline__ bool get(int64_t i, acc_t& out) const {
+  __device__ __forceinline__ bool get(int64_t i, acc_t& out, acc_t& w) const {
     out = acc_t(t[i]);
+    w = acc_t(1);
     return true;
   }
 };
@@ -57,6 +58,7 @@ struct DenseTarget {
 template <typename acc_t>
 struct LabelTarget {
   const int64_t* labels;
+  const acc_t* weights;  // [N] or nullptr
   int64_t K;
   acc_t pos, neg;
   int64_t r = 0, c = 0, sr = 0, sc = 0;
@@ -74,9 +76,10 @@ struct LabelTarget {
       ++r;
     }
   }
-  __device__ __forceinline__ bool get(int64_t, acc_t& out) const {
+  __device__ __forceinline__ bool get(int64_t, acc_t& out, acc_t& w) const {
     const int64_t l = labels[r];
     out = l == c ? pos : neg;
+    w = weights ? weights[r] : acc_t(1);
     return l != kIgnore;
   }
 };
@@ -94,9 +97,9 @@ __global__ void forward_kernel(const scalar_t* __restrict__ x, Target tgt, int64
   const int64_t i0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   tgt.start(i0, stride);
   for (int64_t i = i0; i < n; i += stride, tgt.advance()) {
-    acc_t t;
-    const bool use = tgt.get(i, t);
-    const acc_t v = use ? loss<acc_t, CudaMath, G>(acc_t(x[i]), t, p) : acc_t(0);
+    acc_t t, w;
+    const bool use = tgt.get(i, t, w);
+    const acc_t v = use ? w * loss<acc_t, CudaMath, G>(acc_t(x[i]), t, p) : acc_t(0);
     if (out) out[i] = scalar_t(v);
     else acc += v;
   }
@@ -179,10 +182,10 @@ __global__ void backward_kernel(const scalar_t* __restrict__ x, Target tgt, int6
   const int64_t i0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   tgt.start(i0, stride);
   for (int64_t i = i0; i < n; i += stride, tgt.advance()) {
-    acc_t t;
+    acc_t t, w;
     acc_t v = 0;
-    if (tgt.get(i, t)) {
-      v = s * dloss<acc_t, CudaMath, G>(acc_t(x[i]), t, p);
+    if (tgt.get(i, t, w)) {
+      v = s * w * dloss<acc_t, CudaMath, G>(acc_t(x[i]), t, p);
       if (g) v *= acc_t(g[i]);
     }
     gin[i] = scalar_t(v);
@@ -374,14 +377,23 @@ at::Tensor dense_backward_cuda(const at::Tensor& grad, const at::Tensor& inputs,
   return gin;
 }
 
-at::Tensor labels_forward_cuda(const at::Tensor& logits, const at::Tensor& labels, double alpha,
-                               double gamma, int64_t reduction, double label_smoothing) {
+// Row weights in the math dtype (float32, float64 for float64 logits), or undefined.
+at::Tensor row_weights(const c10::optional<at::Tensor>& weights, const at::Tensor& x) {
+  if (!weights.has_value()) return at::Tensor();
+  return weights->to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
+
+at::Tensor labels_forward_cuda(const at::Tensor& logits, const at::Tensor& labels,
+                               const c10::optional<at::Tensor>& weights, double alpha, double gamma,
+                               int64_t reduction, double label_smoothing) {
   const char* op = "retina_fast::sigmoid_focal_loss_labels";
   check_labels(logits, labels, gamma, reduction, label_smoothing, op);
+  check_row_weights(weights, logits, op);
   check_device(logits, at::kCUDA, op, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = logits.contiguous();
   const at::Tensor lab = labels.contiguous();
+  const at::Tensor w = row_weights(weights, x);
   const int64_t K = x.size(1);
   const at::ScalarType red = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (K == 0) {  // no classes: nothing to index the labels with (and no division by K)
@@ -392,30 +404,33 @@ at::Tensor labels_forward_cuda(const at::Tensor& logits, const at::Tensor& label
   at::Tensor result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "focal_labels_fwd_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    LabelTarget<acc_t> tgt{lab.const_data_ptr<int64_t>(), K, acc_t(1.0 - 0.5 * label_smoothing),
-                           acc_t(0.5 * label_smoothing)};
+    LabelTarget<acc_t> tgt{lab.const_data_ptr<int64_t>(), w.defined() ? w.const_data_ptr<acc_t>() : nullptr,
+                           K, acc_t(1.0 - 0.5 * label_smoothing), acc_t(0.5 * label_smoothing)};
     result = launch_forward<scalar_t>(x, at::Tensor(), tgt, reduction, alpha, gamma, red, lab, K);
   });
   return result;
 }
 
 at::Tensor labels_backward_cuda(const at::Tensor& grad, const at::Tensor& logits,
-                                const at::Tensor& labels, double alpha, double gamma,
-                                int64_t reduction, double label_smoothing) {
+                                const at::Tensor& labels, const c10::optional<at::Tensor>& weights,
+                                double alpha, double gamma, int64_t reduction,
+                                double label_smoothing) {
   const char* op = "retina_fast::sigmoid_focal_loss_labels_backward";
   check_labels(logits, labels, gamma, reduction, label_smoothing, op);
+  check_row_weights(weights, logits, op);
   check_grad(grad, logits, reduction, op);
   check_device(logits, at::kCUDA, op, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = logits.contiguous();
   const at::Tensor lab = labels.contiguous();
+  const at::Tensor w = row_weights(weights, x);
   const int64_t K = x.size(1);
   if (K == 0) return at::empty_like(x);
   at::Tensor gin;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "focal_labels_bwd_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    LabelTarget<acc_t> tgt{lab.const_data_ptr<int64_t>(), K, acc_t(1.0 - 0.5 * label_smoothing),
-                           acc_t(0.5 * label_smoothing)};
+    LabelTarget<acc_t> tgt{lab.const_data_ptr<int64_t>(), w.defined() ? w.const_data_ptr<acc_t>() : nullptr,
+                           K, acc_t(1.0 - 0.5 * label_smoothing), acc_t(0.5 * label_smoothing)};
     gin = launch_backward<scalar_t>(grad, x, at::Tensor(), tgt, reduction, alpha, gamma, lab, K);
   });
   return gin;

@@ -167,12 +167,11 @@ class RetinaNetLoss(nn.Module):
         acc = torch.float64 if cls_logits.dtype == torch.float64 else torch.float32
         norm = fg.sum(1).clamp(min=1).to(acc)  # [B]: max(1, foreground anchors)
 
-        # Per-image normalisation needs per-image sums: the elementwise loss, summed per image
-        # in float32 (one pass), rather than B reduced calls.
-        focal = sigmoid_focal_loss_labels(cls_logits.reshape(B * A, K), mt.labels.reshape(-1), self.focal_alpha,
-                                          self.focal_gamma, reduction="none")
-        cls_per_image = focal.reshape(B, A * K).sum(1, dtype=acc)
-        cls_loss = (cls_per_image / norm).sum() / B
+        # Per-image normalisation as a per-anchor weight 1 / (B * max(1, fg of its image)) inside
+        # the kernel: one reduced call over the batch, no [B*A, K] intermediate in either pass.
+        row_w = (1.0 / (norm * B)).repeat_interleave(A)
+        cls_loss = sigmoid_focal_loss_labels(cls_logits.reshape(B * A, K), mt.labels.reshape(-1), self.focal_alpha,
+                                             self.focal_gamma, reduction="sum", weights=row_w)
 
         if box_loss in ("l1", "smooth_l1"):
             pred = bbox_regression.to(acc) if bbox_regression.dtype != torch.float64 else bbox_regression

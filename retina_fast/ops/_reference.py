@@ -37,11 +37,14 @@ def labels_to_targets(labels: Tensor, num_classes: int, dtype: torch.dtype,
 
 
 def sigmoid_focal_loss_labels(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0,
-                              reduction: str = "sum", normalizer=None, label_smoothing: float = 0.0) -> Tensor:
+                              reduction: str = "sum", normalizer=None, label_smoothing: float = 0.0,
+                              weights=None) -> Tensor:
     K = logits.shape[1]
     valid = labels != -2
     t = labels_to_targets(labels, K, logits.dtype, label_smoothing)
     loss = sigmoid_focal_loss(logits, t, alpha, gamma, "none")
+    if weights is not None:
+        loss = loss * weights.to(loss.dtype)[:, None]
     loss = torch.where(valid[:, None], loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
     if reduction != "none":
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32

@@ -77,6 +77,7 @@ def sigmoid_focal_loss_labels(
     normalizer: Optional[Union[float, Tensor]] = None,
     label_smoothing: float = 0.0,
     check_labels: bool = True,
+    weights: Optional[Tensor] = None,
 ) -> Tensor:
     """Sigmoid focal loss of ``logits`` against integer labels, never building a one-hot.
 
@@ -95,6 +96,10 @@ def sigmoid_focal_loss_labels(
         check_labels: on CUDA, validate the label range first (one device sync). The CPU
             kernel always validates, at no extra cost. Labels out of range never read
             memory out of bounds; unchecked, they behave as background.
+        weights (Tensor[N], optional): row i's loss is multiplied by ``weights[i]`` inside the
+            kernel, e.g. ``1 / (B * max(1, foreground anchors of i's image))``: a detector's
+            per-image normalisation then needs one ``reduction='sum'`` call over the whole
+            batch and no [N, K] intermediate. Not differentiated (detach it).
 
     Returns:
         The loss; reduced results are float32 (float64 for float64 logits) whatever the
@@ -103,7 +108,8 @@ def sigmoid_focal_loss_labels(
     code = _reduction_code(reduction)
     if check_labels:
         _check_label_range(logits, labels)
-    loss = _ops.sigmoid_focal_loss_labels(logits, labels, float(alpha), float(gamma), code, float(label_smoothing))
+    loss = _ops.sigmoid_focal_loss_labels(logits, labels, weights, float(alpha), float(gamma), code,
+                                          float(label_smoothing))
     if normalizer is not None:
         loss = loss / normalizer
     return loss
@@ -130,16 +136,18 @@ def _dense_bwd_fake(grad, inputs, targets, alpha, gamma, reduction):
 
 
 @torch.library.register_fake("retina_fast::sigmoid_focal_loss_labels")
-def _labels_fake(logits, labels, alpha, gamma, reduction, label_smoothing):
+def _labels_fake(logits, labels, weights, alpha, gamma, reduction, label_smoothing):
     torch._check(logits.dim() == 2, lambda: "logits must be [N, K]")
     torch._check(labels.dim() == 1 and labels.shape[0] == logits.shape[0], lambda: "labels must be [N]")
+    if weights is not None:
+        torch._check(weights.dim() == 1 and weights.shape[0] == logits.shape[0], lambda: "weights must be [N]")
     if reduction == 0:
         return logits.new_empty(logits.shape)
     return logits.new_empty((), dtype=_reduced_dtype(logits.dtype))
 
 
 @torch.library.register_fake("retina_fast::sigmoid_focal_loss_labels_backward")
-def _labels_bwd_fake(grad, logits, labels, alpha, gamma, reduction, label_smoothing):
+def _labels_bwd_fake(grad, logits, labels, weights, alpha, gamma, reduction, label_smoothing):
     return logits.new_empty(logits.shape)
 
 
@@ -166,17 +174,22 @@ def _dense_backward(ctx, grad):
 
 
 def _labels_setup(ctx, inputs, output):
-    logits, labels, alpha, gamma, reduction, label_smoothing = inputs
-    ctx.save_for_backward(logits, labels)
+    logits, labels, weights, alpha, gamma, reduction, label_smoothing = inputs
+    ctx.save_for_backward(logits, labels, weights)
     ctx.args = (alpha, gamma, reduction, label_smoothing)
 
 
 def _labels_backward(ctx, grad):
-    logits, labels = ctx.saved_tensors
+    logits, labels, weights = ctx.saved_tensors
+    if ctx.needs_input_grad[2]:
+        raise NotImplementedError(
+            "retina_fast.ops.sigmoid_focal_loss_labels: the gradient with respect to weights is "
+            "not implemented; detach the weights"
+        )
     gx = None
     if ctx.needs_input_grad[0]:
-        gx = _ops.sigmoid_focal_loss_labels_backward(grad, logits, labels, *ctx.args)
-    return gx, None, None, None, None, None
+        gx = _ops.sigmoid_focal_loss_labels_backward(grad, logits, labels, weights, *ctx.args)
+    return gx, None, None, None, None, None, None
 
 
 torch.library.register_autograd("retina_fast::sigmoid_focal_loss", _dense_backward, setup_context=_dense_setup)

@@ -182,6 +182,56 @@ def test_labels_grad_matches_reference(device, dtype, reduction):
     assert (g1[lab == -2] == 0).all()
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_labels_row_weights(device, dtype, reduction):
+    x, _ = _inputs(211, 13, dtype, device, seed=15)
+    lab = _labels(211, 13, seed=15, device=device)
+    # weights in the math dtype (float32, float64 for float64 logits); the exact side uses the
+    # same rounded values
+    w = (torch.rand(211, dtype=torch.float64, device=device) * 3).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    x1 = x.clone().requires_grad_()
+    x3 = x.double().clone().requires_grad_()
+    ours = sigmoid_focal_loss_labels(x1, lab, reduction=reduction, weights=w)
+    exact = ref.sigmoid_focal_loss_labels(x3, lab, reduction=reduction, weights=w.double())
+    r = ref.sigmoid_focal_loss_labels(x, lab, reduction=reduction, weights=w.to(dtype))
+    assert _err(ours, exact) <= _tol(dtype, _err(r, exact), exact.abs().max().item())
+    up = torch.rand_like(exact) if reduction == "none" else torch.tensor(1.7, dtype=torch.float64, device=device)
+    (g1,) = torch.autograd.grad(ours, x1, up.to(ours.dtype))
+    (g3,) = torch.autograd.grad(exact, x3, up)
+    w = w.double()
+    xr = x.clone().requires_grad_()
+    (g2,) = torch.autograd.grad(ref.sigmoid_focal_loss_labels(xr, lab, reduction=reduction, weights=w.to(dtype)), xr, up.to(dtype if reduction == "none" else r.dtype))
+    assert _err(g1, g3) <= _tol(dtype, _err(g2, g3), g3.abs().max().item())
+
+
+def test_labels_row_weights_per_image_normalisation():
+    # The detector's use: one call over the batch equals the per-image normalised mean.
+    B, A, K = 3, 50, 7
+    x, _ = _inputs(B * A, K, torch.float32, seed=16)
+    lab = _labels(B * A, K, seed=16)
+    fg = (lab >= 0).view(B, A).sum(1).clamp(min=1).float()
+    w = (1.0 / (B * fg)).repeat_interleave(A)
+    one_call = sigmoid_focal_loss_labels(x, lab, weights=w)
+    per_image = sum(
+        sigmoid_focal_loss_labels(x[b * A:(b + 1) * A], lab[b * A:(b + 1) * A]) / fg[b] for b in range(B)
+    ) / B
+    torch.testing.assert_close(one_call, per_image)
+
+
+def test_labels_row_weights_bad_input():
+    x = torch.randn(10, 4)
+    lab = torch.zeros(10, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"weights of shape \[N\]"):
+        sigmoid_focal_loss_labels(x, lab, weights=torch.ones(9))
+    with pytest.raises(RuntimeError, match="floating"):
+        sigmoid_focal_loss_labels(x, lab, weights=torch.ones(10, dtype=torch.long))
+    w = torch.ones(10, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="weights"):
+        sigmoid_focal_loss_labels(x.requires_grad_(), lab, weights=w).backward()
+
+
 def test_labels_equals_dense_on_one_hot():
     # The fused form is the dense form on the one-hot it never builds (minus ignored rows).
     x, _ = _inputs(200, 9, torch.float32, seed=11)
@@ -310,7 +360,7 @@ def test_bad_input_errors():
         sigmoid_focal_loss_labels(x, lab, label_smoothing=1.5)
     # labels out of range in the backward pass (direct op call) are caught too
     with pytest.raises(RuntimeError, match="expected every label"):
-        torch.ops.retina_fast.sigmoid_focal_loss_labels_backward(torch.ones(()), x, torch.full((10,), 7), 0.25, 2.0, 2, 0.0)
+        torch.ops.retina_fast.sigmoid_focal_loss_labels_backward(torch.ones(()), x, torch.full((10,), 7), None, 0.25, 2.0, 2, 0.0)
 
 
 @requires_cuda
@@ -334,11 +384,16 @@ def test_opcheck():
         xd, td, ld = x.to(dev), t.to(dev), lab.to(dev)
         for red in (0, 1, 2):
             torch.library.opcheck(torch.ops.retina_fast.sigmoid_focal_loss, (xd.requires_grad_(), td, 0.25, 2.0, red))
-            torch.library.opcheck(torch.ops.retina_fast.sigmoid_focal_loss_labels, (xd, ld, 0.25, 2.0, red, 0.0))
+            torch.library.opcheck(torch.ops.retina_fast.sigmoid_focal_loss_labels, (xd, ld, None, 0.25, 2.0, red, 0.0))
+            wd = torch.rand(xd.shape[0], device=dev)
+            torch.library.opcheck(torch.ops.retina_fast.sigmoid_focal_loss_labels, (xd, ld, wd, 0.25, 2.0, red, 0.0))
             g = torch.ones_like(xd) if red == 0 else torch.tensor(1.0, device=dev)
             torch.library.opcheck(torch.ops.retina_fast.sigmoid_focal_loss_backward, (g, xd.detach(), td, 0.25, 2.0, red))
             torch.library.opcheck(
-                torch.ops.retina_fast.sigmoid_focal_loss_labels_backward, (g, xd.detach(), ld, 0.25, 2.0, red, 0.0)
+                torch.ops.retina_fast.sigmoid_focal_loss_labels_backward, (g, xd.detach(), ld, None, 0.25, 2.0, red, 0.0)
+            )
+            torch.library.opcheck(
+                torch.ops.retina_fast.sigmoid_focal_loss_labels_backward, (g, xd.detach(), ld, wd, 0.25, 2.0, red, 0.0)
             )
 
 
