@@ -377,24 +377,24 @@ def test_bad_input_device_mismatch():
 # ------------------------------------------------------------------ opcheck / compile / autocast
 
 
-def test_opcheck():
+@pytest.mark.parametrize("dev", devices())
+def test_opcheck(dev):
     x, t = _inputs(33, 5, torch.float32, seed=8)
     lab = _labels(33, 5, seed=8)
-    for dev in devices():
-        xd, td, ld = x.to(dev), t.to(dev), lab.to(dev)
-        for red in (0, 1, 2):
-            torch.library.opcheck(torch.ops.retina_fast.sigmoid_focal_loss, (xd.requires_grad_(), td, 0.25, 2.0, red))
-            torch.library.opcheck(torch.ops.retina_fast.sigmoid_focal_loss_labels, (xd, ld, None, 0.25, 2.0, red, 0.0))
-            wd = torch.rand(xd.shape[0], device=dev)
-            torch.library.opcheck(torch.ops.retina_fast.sigmoid_focal_loss_labels, (xd, ld, wd, 0.25, 2.0, red, 0.0))
-            g = torch.ones_like(xd) if red == 0 else torch.tensor(1.0, device=dev)
-            torch.library.opcheck(torch.ops.retina_fast.sigmoid_focal_loss_backward, (g, xd.detach(), td, 0.25, 2.0, red))
-            torch.library.opcheck(
-                torch.ops.retina_fast.sigmoid_focal_loss_labels_backward, (g, xd.detach(), ld, None, 0.25, 2.0, red, 0.0)
-            )
-            torch.library.opcheck(
-                torch.ops.retina_fast.sigmoid_focal_loss_labels_backward, (g, xd.detach(), ld, wd, 0.25, 2.0, red, 0.0)
-            )
+    xd, td, ld = x.to(dev), t.to(dev), lab.to(dev)
+    for red in (0, 1, 2):
+        torch.library.opcheck(torch.ops.retina_fast.sigmoid_focal_loss, (xd.requires_grad_(), td, 0.25, 2.0, red))
+        torch.library.opcheck(torch.ops.retina_fast.sigmoid_focal_loss_labels, (xd, ld, None, 0.25, 2.0, red, 0.0))
+        wd = torch.rand(xd.shape[0], device=dev)
+        torch.library.opcheck(torch.ops.retina_fast.sigmoid_focal_loss_labels, (xd, ld, wd, 0.25, 2.0, red, 0.0))
+        g = torch.ones_like(xd) if red == 0 else torch.tensor(1.0, device=dev)
+        torch.library.opcheck(torch.ops.retina_fast.sigmoid_focal_loss_backward, (g, xd.detach(), td, 0.25, 2.0, red))
+        torch.library.opcheck(
+            torch.ops.retina_fast.sigmoid_focal_loss_labels_backward, (g, xd.detach(), ld, None, 0.25, 2.0, red, 0.0)
+        )
+        torch.library.opcheck(
+            torch.ops.retina_fast.sigmoid_focal_loss_labels_backward, (g, xd.detach(), ld, wd, 0.25, 2.0, red, 0.0)
+        )
 
 
 def test_torch_compile_fullgraph():
