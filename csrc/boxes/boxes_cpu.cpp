@@ -23,12 +23,7 @@
 
 #include "boxes/boxes_checks.h"
 #include "boxes/boxes_math.h"
-
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define RF_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define RF_TARGET_CLONES
-#endif
+#include "common/cpu_dispatch.h"
 
 namespace retina_fast {
 namespace boxes {

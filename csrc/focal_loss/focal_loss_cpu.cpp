@@ -17,15 +17,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_dispatch.h"
 #include "common/cpu_math.h"
 #include "focal_loss/focal_loss_checks.h"
 #include "focal_loss/focal_loss_math.h"
-
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define RF_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define RF_TARGET_CLONES
-#endif
 
 namespace retina_fast {
 namespace focal {

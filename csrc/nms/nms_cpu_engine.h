@@ -23,13 +23,9 @@
 #include <vector>
 
 #include "common/box_math.h"
+#include "common/cpu_dispatch.h"
 #include "nms/nms_common.h"
 
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define RF_NMS_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define RF_NMS_TARGET_CLONES
-#endif
 
 namespace retina_fast {
 namespace nms {
@@ -70,7 +66,7 @@ inline bool any_iou_above_impl(const F* x1, const F* y1, const F* x2, const F* y
   return false;
 }
 
-RF_NMS_TARGET_CLONES inline bool any_iou_above_f32(const float* x1, const float* y1,
+RF_TARGET_CLONES inline bool any_iou_above_f32(const float* x1, const float* y1,
                                                    const float* x2, const float* y2,
                                                    const float* ar, int64_t m, const float* c,
                                                    float ca, float thr) {
@@ -120,7 +116,7 @@ inline bool cell_hit_impl(const F* d, int64_t nblk, const F* c, F ca, F thr) {
   return false;
 }
 
-RF_NMS_TARGET_CLONES inline bool cell_hit_f32(const float* d, int64_t nblk, const float* c,
+RF_TARGET_CLONES inline bool cell_hit_f32(const float* d, int64_t nblk, const float* c,
                                               float ca, float thr) {
   return cell_hit_impl<float>(d, nblk, c, ca, thr);
 }

@@ -33,7 +33,7 @@ namespace {
 constexpr int64_t kScanChunk = int64_t(1) << 18;  // logits per scan task
 
 // Flat indices i in [begin, end) with x[i] > cut, appended to out.
-RF_NMS_TARGET_CLONES void scan_f32(const float* x, int64_t begin, int64_t end, float cut,
+RF_TARGET_CLONES void scan_f32(const float* x, int64_t begin, int64_t end, float cut,
                                    std::vector<int64_t>& out) {
   int64_t i = begin;
   for (; i + 16 <= end; i += 16) {
