@@ -55,6 +55,13 @@ def make_extension():
     # -fno-trapping-math lets GCC if-convert (and so vectorise) loops with ?: on floats;
     # -ffp-contract=off keeps a*b+c rounded twice, as torch computes it (bitwise parity).
     cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+    # at::parallel_for is a header template around `#pragma omp parallel`: without -fopenmp
+    # in *our* compile it silently runs on one thread. The runtime is the libgomp.so.1 torch
+    # already loaded (same soname).
+    link = []
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = [("RETINA_FAST_PYTHON_MODULE", "1")]
     if use_cuda:
@@ -73,6 +80,7 @@ def make_extension():
             include_dirs=include_dirs + nvidia_wheel_includes(),
             define_macros=define_macros + [("RETINA_FAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link,
         )
     else:
         ext = CppExtension(
@@ -81,6 +89,7 @@ def make_extension():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
         )
     print(f"retina_fast: building with CUDA={use_cuda} (CUDA_HOME={cuda_home}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})")

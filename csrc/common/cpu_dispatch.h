@@ -4,7 +4,7 @@
 // each clone and vectorise there, so the extension runs AVX2 code where the CPU has it and
 // still loads everywhere else.
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define RF_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
+#define RF_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define RF_TARGET_CLONES
 #endif
