@@ -9,10 +9,9 @@ runs). CUDA timings synchronise inside the timed call. Peak memory lands in each
 ``extra_info``:
   - CUDA: ``torch.cuda.max_memory_allocated()`` over one call after
     ``reset_peak_memory_stats()``, minus the memory allocated before it (bytes the call added);
-  - CPU: growth of the peak resident set size (``ru_maxrss``) of a fresh subprocess over one
-    call, after the inputs are built and the op has run once (so allocator caches and lazy
-    init are not counted). Coarse (page granularity, includes torch's temporaries), but the
-    same method for all three implementations.
+  - CPU: growth of the peak resident set size (``VmHWM``) of a fresh subprocess over one
+    call, after the inputs are built. Coarse (page granularity; includes lazy
+    initialisation and torch's temporaries), but the same method for all implementations.
 """
 
 import math
@@ -71,17 +70,20 @@ def synced(fn, device):
 
 
 _CPU_PEAK_SCRIPT = r"""
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {root!r})
 from benchmarks.bench_boxes import IMPLS, anchors_for, make_batch
 torch.set_num_threads({threads})
 a = anchors_for({size}, "cpu")
 gt, _, c = make_batch({B}, {M}, {size}, "cpu")
 fn = IMPLS[{impl!r}]
+# VmHWM (this process's peak RSS), not ru_maxrss: Linux carries ru_maxrss across exec, so a
+# child of a big pytest process would start at its parent's peak.
+def hwm_kb():
+    return int([l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1])
+before = hwm_kb()
 fn(a, gt, c)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-fn(a, gt, c)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+print((hwm_kb() - before) * 1024)
 """
 
 
@@ -97,7 +99,7 @@ def peak_memory(impl, B, M, size, device, args):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         return None, f"subprocess failed: {out.stderr[-300:]}"
-    return int(out.stdout.strip().splitlines()[-1]), "cpu ru_maxrss growth over one call (fresh subprocess)"
+    return int(out.stdout.strip().splitlines()[-1]), "cpu VmHWM growth over one call after building the inputs (fresh subprocess)"
 
 
 @pytest.mark.parametrize("device", DEVICES)
