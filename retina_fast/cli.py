@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "summary.json, train/checkpoint.pt.")
     d.add_argument("--out", default="retina_fast_demo", help="results folder")
     d.add_argument("--time-budget", type=float, default=None,
-                   help="seconds of training (default: 480 on CPU, 75 on GPU)")
+                   help="seconds of training (default: 550 on CPU, 75 on GPU)")
     d.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations")
     d.add_argument("--batch-size", type=int, default=16)
     d.add_argument("--lr", type=float, default=2e-3)
