@@ -3,8 +3,8 @@
 // Work is cut into fixed blocks of elements (or of rows, for labels) that at::parallel_for
 // spreads over threads; a reduction sums each block in float lanes, then the blocks' partials
 // in double, in block order: the result does not depend on the number of threads.
-// float32 runs through branch-free loops the compiler vectorises (an AVX2 clone is chosen at
-// run time where the CPU has it); float16/bfloat16 are widened to float32 chunk by chunk;
+// float32 runs through branch-free loops the compiler vectorises (AVX-512 / AVX2 clones chosen
+// at run time, csrc/common/cpu_dispatch.h); float16/bfloat16 are widened to float32 chunk by chunk;
 // float64 runs the C library's functions.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -67,7 +67,7 @@ HOST_DEVICE_INLINE void grad_span(const float* x, const float* t, float tc, cons
 RF_TARGET_CLONES void loss_span_f32(const float* x, const float* t, float tc, float* out,
                                     int64_t n, float alpha, float gamma, Gamma kind) {
   // An explicit switch, not a lambda: the span loops must inline into each clone before
-  // vectorisation, so the AVX2 clone gets 32-byte vectors.
+  // vectorisation, so each clone (AVX-512, AVX2, baseline) gets its own vector width.
   const Params<float> p{alpha, gamma};
   switch (kind) {
     case Gamma::Two: loss_span<Gamma::Two>(x, t, tc, out, n, p); break;
