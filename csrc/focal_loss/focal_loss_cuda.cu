@@ -109,18 +109,28 @@ __global__ void forward_kernel(const scalar_t* __restrict__ x, Target tgt, int64
   }
 }
 
-// Dense float path with 4-wide loads: n is a multiple of kVec, pointers aligned.
+// Dense float path with 4-wide loads (pointers aligned to a pack): a vector body over the
+// first n / kVec packs, then the n % kVec tail elements, one per thread of the grid's first
+// threads. Any n takes this path; only misaligned storage falls back to forward_kernel.
 template <typename scalar_t, Gamma G>
 __global__ void forward_dense_vec_kernel(const scalar_t* __restrict__ x,
-                                         const scalar_t* __restrict__ t, int64_t nvec,
+                                         const scalar_t* __restrict__ t, int64_t n,
                                          Params<acc_type<scalar_t>> p, scalar_t* __restrict__ out,
                                          acc_type<scalar_t>* __restrict__ partials) {
   using acc_t = acc_type<scalar_t>;
   using P = cuda::Pack<scalar_t, kVec>;
   __shared__ acc_t smem[32];
   acc_t acc = 0;
+  const int64_t nvec = n / kVec;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < nvec; i += stride) {
+  const int64_t gid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t tail = nvec * kVec + gid;
+  if (tail < n) {
+    const acc_t v = loss<acc_t, CudaMath, G>(acc_t(x[tail]), acc_t(t[tail]), p);
+    if (out) out[tail] = scalar_t(v);
+    acc += v;
+  }
+  for (int64_t i = gid; i < nvec; i += stride) {
     const P xv = reinterpret_cast<const P*>(x)[i];
     const P tv = reinterpret_cast<const P*>(t)[i];
     P ov;
@@ -169,12 +179,15 @@ __global__ void count_valid_kernel(const int64_t* __restrict__ labels, int64_t n
 
 // ------------------------------------------------------------------ backward
 
-// grad_in[i] = (g ? g[i] : 1) * (*gscale) / (count ? *count * div : div) * dloss/dx
+// grad_in[i] = (g ? g[i] : 1) * (*gscale) / (count ? *count * div : div) * dloss/dx.
+// gscale (the upstream gradient of a reduced loss) is read in acc_t: float64 logits keep a
+// float64 gradient scale, as on the CPU.
 template <typename scalar_t, Gamma G, typename Target>
 __global__ void backward_kernel(const scalar_t* __restrict__ x, Target tgt, int64_t n,
                                 Params<acc_type<scalar_t>> p, const scalar_t* __restrict__ g,
-                                const float* __restrict__ gscale, const int64_t* __restrict__ count,
-                                double div, scalar_t* __restrict__ gin) {
+                                const acc_type<scalar_t>* __restrict__ gscale,
+                                const int64_t* __restrict__ count, double div,
+                                scalar_t* __restrict__ gin) {
   using acc_t = acc_type<scalar_t>;
   acc_t s = 1;
   if (gscale) s = acc_t(double(*gscale) / (count ? double(*count) * div : div));
@@ -192,19 +205,28 @@ __global__ void backward_kernel(const scalar_t* __restrict__ x, Target tgt, int6
   }
 }
 
+// Vector body + scalar tail, as forward_dense_vec_kernel.
 template <typename scalar_t, Gamma G>
 __global__ void backward_dense_vec_kernel(const scalar_t* __restrict__ x,
-                                          const scalar_t* __restrict__ t, int64_t nvec,
+                                          const scalar_t* __restrict__ t, int64_t n,
                                           Params<acc_type<scalar_t>> p,
                                           const scalar_t* __restrict__ g,
-                                          const float* __restrict__ gscale, double div,
-                                          scalar_t* __restrict__ gin) {
+                                          const acc_type<scalar_t>* __restrict__ gscale,
+                                          double div, scalar_t* __restrict__ gin) {
   using acc_t = acc_type<scalar_t>;
   using P = cuda::Pack<scalar_t, kVec>;
   acc_t s = 1;
   if (gscale) s = acc_t(double(*gscale) / div);
+  const int64_t nvec = n / kVec;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < nvec; i += stride) {
+  const int64_t gid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t tail = nvec * kVec + gid;
+  if (tail < n) {
+    acc_t v = s * dloss<acc_t, CudaMath, G>(acc_t(x[tail]), acc_t(t[tail]), p);
+    if (g) v *= acc_t(g[tail]);
+    gin[tail] = scalar_t(v);
+  }
+  for (int64_t i = gid; i < nvec; i += stride) {
     const P xv = reinterpret_cast<const P*>(x)[i];
     const P tv = reinterpret_cast<const P*>(t)[i];
     P gv;
@@ -234,9 +256,10 @@ at::Tensor count_valid_rows(const at::Tensor& labels, cudaStream_t stream) {
   return count;
 }
 
+// The vector kernels need every pointer aligned to a pack (a view with a storage offset may
+// not be); any length works (vector body + scalar tail).
 template <typename scalar_t>
-bool can_vectorize(int64_t n, std::initializer_list<const void*> ptrs) {
-  if (n % kVec != 0) return false;
+bool can_vectorize(std::initializer_list<const void*> ptrs) {
   for (const void* p : ptrs)
     if (p && reinterpret_cast<uintptr_t>(p) % (sizeof(scalar_t) * kVec) != 0) return false;
   return true;
@@ -255,9 +278,9 @@ at::Tensor launch_forward(const at::Tensor& x, const at::Tensor& t_dense, Target
   at::Tensor out = reduction == kNone ? at::empty_like(x) : at::Tensor();
   if (reduction == kNone && n == 0) return out;
   const bool dense = t_dense.defined();
-  const bool vec = dense && can_vectorize<scalar_t>(n, {x.const_data_ptr(), t_dense.const_data_ptr(),
-                                                        out.defined() ? out.const_data_ptr() : nullptr});
-  const int64_t blocks = cuda::grid_for(vec ? n / kVec : n);
+  const bool vec = dense && can_vectorize<scalar_t>({x.const_data_ptr(), t_dense.const_data_ptr(),
+                                                     out.defined() ? out.const_data_ptr() : nullptr});
+  const int64_t blocks = cuda::grid_for(vec ? std::max<int64_t>(n / kVec, n % kVec) : n);
   at::Tensor partials = at::empty({reduction == kNone ? 0 : blocks},
                                   x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   scalar_t* outp = out.defined() ? out.mutable_data_ptr<scalar_t>() : nullptr;
@@ -265,7 +288,7 @@ at::Tensor launch_forward(const at::Tensor& x, const at::Tensor& t_dense, Target
   RETINA_FAST_DISPATCH_GAMMA(kind, G, [&] {
     if (vec) {
       forward_dense_vec_kernel<scalar_t, G><<<blocks, kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), t_dense.const_data_ptr<scalar_t>(), n / kVec, p, outp, pp);
+          x.const_data_ptr<scalar_t>(), t_dense.const_data_ptr<scalar_t>(), n, p, outp, pp);
     } else {
       forward_kernel<scalar_t, G, Target><<<blocks, kThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), tgt, n, p, outp, pp);
@@ -308,7 +331,7 @@ at::Tensor launch_backward(const at::Tensor& grad, const at::Tensor& x, const at
   if (reduction == kNone) {
     g = grad.to(x.scalar_type()).contiguous();
   } else {
-    gs = grad.reshape({}).to(at::kFloat);
+    gs = grad.reshape({}).to(c10::CppTypeToScalarType<acc_t>::value);
     if (reduction == kMean) {
       if (labels_for_mean.defined()) {
         count = count_valid_rows(labels_for_mean, stream);
@@ -319,16 +342,16 @@ at::Tensor launch_backward(const at::Tensor& grad, const at::Tensor& x, const at
     }
   }
   const scalar_t* gp = g.defined() ? g.const_data_ptr<scalar_t>() : nullptr;
-  const float* gsp = gs.defined() ? gs.const_data_ptr<float>() : nullptr;
+  const acc_t* gsp = gs.defined() ? gs.const_data_ptr<acc_t>() : nullptr;
   const bool dense = t_dense.defined();
   const bool vec = dense && !count.defined() &&
-                   can_vectorize<scalar_t>(n, {x.const_data_ptr(), t_dense.const_data_ptr(), gp,
-                                               gin.const_data_ptr()});
-  const int64_t blocks = cuda::grid_for(vec ? n / kVec : n);
+                   can_vectorize<scalar_t>({x.const_data_ptr(), t_dense.const_data_ptr(), gp,
+                                            gin.const_data_ptr()});
+  const int64_t blocks = cuda::grid_for(vec ? std::max<int64_t>(n / kVec, n % kVec) : n);
   RETINA_FAST_DISPATCH_GAMMA(kind, G, [&] {
     if (vec) {
       backward_dense_vec_kernel<scalar_t, G><<<blocks, kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), t_dense.const_data_ptr<scalar_t>(), n / kVec, p, gp, gsp,
+          x.const_data_ptr<scalar_t>(), t_dense.const_data_ptr<scalar_t>(), n, p, gp, gsp,
           div, gin.mutable_data_ptr<scalar_t>());
     } else {
       backward_kernel<scalar_t, G, Target><<<blocks, kThreads, 0, stream>>>(

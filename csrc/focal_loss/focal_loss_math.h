@@ -12,6 +12,7 @@
 // p and q are both formed from e = exp(-|x|) so neither cancels: the loss and gradient stay
 // finite and accurate for |x| = 100 in float32 (e underflows to 0, nothing divides by it).
 
+#include <cmath>
 #include <cstdint>
 
 #include "common/host_device.h"
@@ -85,10 +86,27 @@ HOST_DEVICE_INLINE T alpha_t(T alpha, T t) {
   return alpha >= T(0) ? alpha * t + (T(1) - alpha) * (T(1) - t) : T(1);
 }
 
+// Infinite logits give torchvision's values, so that every form and device agrees with it and
+// with each other: torchvision evaluates BCE-with-logits as (1 - t) x + m + log(e^-m + e^(-x-m)),
+// m = max(-x, 0), which is NaN at x = -inf (-inf + inf) and (1 - t) * inf at x = +inf (inf for
+// t < 1, NaN at t = 1); autograd through it gives a NaN gradient at either infinity. Finite
+// logits never take these branches (selects, not branches: the CPU loops still vectorise).
+template <typename T>
+HOST_DEVICE_INLINE bool finite_logit(T x) {
+  const T ax = x < T(0) ? -x : x;
+  return ax < T(INFINITY);  // false for +-inf and NaN
+}
+// Cross-entropy at a non-finite logit: (1 - t) * x at +inf, NaN at -inf and NaN.
+template <typename T>
+HOST_DEVICE_INLINE T ce_nonfinite(T x, T t) {
+  return x > T(0) ? (T(1) - t) * x : T(NAN);
+}
+
 template <typename T, typename M, Gamma G>
 HOST_DEVICE_INLINE T loss(T x, T t, Params<T> prm) {
   const Sig<T> s = sigmoid_parts<T, M>(x);
-  const T ce = (s.relu - x * t) + s.l1p;
+  T ce = (s.relu - x * t) + s.l1p;
+  ce = finite_logit(x) ? ce : ce_nonfinite(x, t);
   const T m = s.p * (T(1) - t) + s.q * t;
   return alpha_t(prm.alpha, t) * ce * modulator<T, M, G>(m, prm.gamma);
 }
@@ -101,18 +119,22 @@ HOST_DEVICE_INLINE T dloss(T x, T t, Params<T> prm) {
   const T mod = modulator<T, M, G>(m, prm.gamma);
   const T p_minus_t = s.p * (T(1) - t) - s.q * t;  // p - t without cancellation at t = 1
   const T dm_dx = s.p * s.q * (T(1) - T(2) * t);
-  return alpha_t(prm.alpha, t) *
-         (p_minus_t * mod + ce * dmodulator<T, M, G>(m, mod, prm.gamma) * dm_dx);
+  const T g = alpha_t(prm.alpha, t) *
+              (p_minus_t * mod + ce * dmodulator<T, M, G>(m, mod, prm.gamma) * dm_dx);
+  return finite_logit(x) ? g : T(NAN);
 }
 
 // The same two functions at t = 0 (every background column of the labels form, without
 // label smoothing: ~99 % of a detector's elements). The compiler may not drop `x * 0` (inf, NaN),
-// so the algebra is done here: ce = softplus(x), m = p, p - t = p, dm/dx = p q.
+// so the algebra is done here: ce = softplus(x), m = p, p - t = p, dm/dx = p q. Identical to
+// loss/dloss at t = 0 for every x, infinities included.
 template <typename T, typename M, Gamma G>
 HOST_DEVICE_INLINE T loss_t0(T x, Params<T> prm) {
   const Sig<T> s = sigmoid_parts<T, M>(x);
   const T a = prm.alpha >= T(0) ? T(1) - prm.alpha : T(1);
-  return a * (s.relu + s.l1p) * modulator<T, M, G>(s.p, prm.gamma);
+  T ce = s.relu + s.l1p;
+  ce = finite_logit(x) ? ce : ce_nonfinite(x, T(0));
+  return a * ce * modulator<T, M, G>(s.p, prm.gamma);
 }
 
 template <typename T, typename M, Gamma G>
@@ -120,7 +142,8 @@ HOST_DEVICE_INLINE T dloss_t0(T x, Params<T> prm) {
   const Sig<T> s = sigmoid_parts<T, M>(x);
   const T a = prm.alpha >= T(0) ? T(1) - prm.alpha : T(1);
   const T mod = modulator<T, M, G>(s.p, prm.gamma);
-  return a * (s.p * mod + (s.relu + s.l1p) * dmodulator<T, M, G>(s.p, mod, prm.gamma) * (s.p * s.q));
+  const T g = a * (s.p * mod + (s.relu + s.l1p) * dmodulator<T, M, G>(s.p, mod, prm.gamma) * (s.p * s.q));
+  return finite_logit(x) ? g : T(NAN);
 }
 
 // Runs __VA_ARGS__ (a lambda body) with `G` bound to the call's Gamma kind as a
