@@ -4,6 +4,8 @@
 // (retina_fast/ops/*.py).
 #include <torch/library.h>
 
+#include "nms/nms_tuning.h"
+
 namespace retina_fast {
 
 bool cuda_built() {
@@ -18,6 +20,9 @@ bool cuda_built() {
 
 TORCH_LIBRARY(retina_fast, m) {
   m.def("_cuda_built() -> bool", &retina_fast::cuda_built);
+  // Test hook: the CUDA NMS scan's shared-memory budget in bytes (< 0: only read it); returns
+  // the previous value. See csrc/nms/nms_tuning.h.
+  m.def("_nms_scan_shared_limit(int bytes) -> int", &retina_fast::nms::set_scan_shared_limit);
 
   // ---- focal loss (csrc/focal_loss) ----
   // reduction: 0 none, 1 mean, 2 sum. alpha < 0: no alpha weighting.
@@ -49,9 +54,11 @@ TORCH_LIBRARY(retina_fast, m) {
       "bool allow_low_quality_matches, bool zero_iou_quirk) -> Tensor");
   // matches [B, A] (from match_anchors), anchors [A, 4], gt_boxes [B, M, 4], gt_labels [B, M]
   // -> (labels [B, A] int64: gt label, -1, -2; regression targets [B, A, 4], 0 off foreground).
+  // A match outside [0, M) other than -1/-2 is an error on both devices; on CUDA the check
+  // costs one sync, which check_matches=false skips (such matches then read as background).
   m.def(
       "gather_targets(Tensor matches, Tensor anchors, Tensor gt_boxes, Tensor gt_labels, "
-      "float[] weights) -> (Tensor, Tensor)");
+      "float[] weights, bool check_matches=True) -> (Tensor, Tensor)");
   m.def("encode_boxes(Tensor reference_boxes, Tensor proposals, float[] weights) -> Tensor");
   // rel_codes [N, 4k] or [B, N, 4k]; boxes [N, 4] or [B, N, 4].
   m.def("decode_boxes(Tensor rel_codes, Tensor boxes, float[] weights, float clip) -> Tensor");

@@ -11,6 +11,7 @@
 #include "common/box_math.h"
 #include "common/checks.h"
 #include "common/host_device.h"
+#include "nms/nms_tuning.h"
 
 namespace retina_fast {
 namespace nms {

@@ -2,19 +2,22 @@
 //
 // NMS: boxes are put in processing order by stable radix sorts (score descending, then class,
 // then image, each stable, so a segment = (image, class) is contiguous and score-ordered, ties
-// by lower index as on the CPU). A 64x64-tile bitmask kernel computes IoU only inside a
-// segment: tile (row block, column block) exists only while a row of the block has columns
-// left in its segment, so different classes never cost an IoU, and the mask is stored as the
-// upper triangle (half of torchvision's square). The greedy scan runs on the GPU, one block
-// per chunk (per image in the post-processing), only over the words of a row's own segment.
-// Then kept boxes are ordered by score (stable) per image. Host syncs: one, to learn the
-// output size (nms, batched_nms, batched_nms_multi with max_per_image < 0); none otherwise.
+// by lower index as on the CPU). Each segment (a "group", see Groups) owns its own upper-
+// triangular bitmask of 64x64 tiles, so the mask costs sum(segment size^2) / 128 words, never
+// n^2, and different classes never cost an IoU. The greedy scan runs on the GPU: one warp per
+// group of up to 2048 boxes (removed bits in registers), one block per larger group (removed
+// bits in shared memory, or global scratch past 262,144 boxes). All grids are 1-D and grid-
+// stride, so no count of images, segments or tiles meets a grid-dimension limit. Host syncs:
+// with classes or images, one that sizes the mask (it also checks image ids, as the CPU does);
+// one for the output size (nms, batched_nms, batched_nms_multi with max_per_image < 0).
 //
 // Post-processing: per level a fused kernel writes, for every (image, logit), a 64-bit key
 // (float bits of torch's sigmoid << 32 | ~index) when sigmoid > score_thresh and 0 otherwise;
 // torch.topk over the keys picks the best min(topk, n) per image, ties by lower index, with no
-// host sync. Then one kernel decodes and clips the candidates into a padded [B, C] layout, and
-// the NMS above runs with one chunk per image. Outputs are padded [B, D]: no host sync at all.
+// host sync (float64: the score's 64 bits, ranked by a stable segmented sort). Then one kernel
+// decodes and clips the candidates into a padded [B, C] layout, and the NMS above runs with
+// one group per image (its label segments cut the mask's columns), whose sizes the host knows.
+// Outputs are padded [B, D]: no host sync at all.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -62,22 +65,31 @@ void sort_pairs(const K* kin, K* kout, const V* vin, V* vout, int64_t n, cudaStr
                                                  static_cast<int>(n), 0, end_bit, stream));
 }
 
-// Stable sort within `segments` equal chunks of length L.
+// Stable sort within `segments` equal chunks of length L (descending: largest key first,
+// still stable).
 template <typename K, typename V>
 void segmented_sort_pairs(const K* kin, K* kout, const V* vin, V* vout, int64_t segments,
                           int64_t L, cudaStream_t stream, const Tensor& like,
-                          int end_bit = sizeof(K) * 8) {
+                          int end_bit = sizeof(K) * 8, bool descending = false) {
   if (segments * L == 0) return;
+  TORCH_CHECK(segments * L < std::numeric_limits<int32_t>::max(),
+              "retina_fast (CUDA): a segmented sort of more than 2^31 - 1 items: ", segments, " x ", L);
   Tensor offsets = at::arange(0, (segments + 1) * L, L, like.options().dtype(at::kInt));
   const int* off = offsets.const_data_ptr<int>();
+  const int items = static_cast<int>(segments * L), segs = static_cast<int>(segments);
+  auto run = [&](void* tmp, size_t& bytes) {
+    if (descending) {
+      C10_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
+          tmp, bytes, kin, kout, vin, vout, items, segs, off, off + 1, 0, end_bit, stream));
+    } else {
+      C10_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairs(
+          tmp, bytes, kin, kout, vin, vout, items, segs, off, off + 1, 0, end_bit, stream));
+    }
+  };
   size_t bytes = 0;
-  C10_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairs(
-      nullptr, bytes, kin, kout, vin, vout, static_cast<int>(segments * L),
-      static_cast<int>(segments), off, off + 1, 0, end_bit, stream));
+  run(nullptr, bytes);
   Tensor tmp = at::empty({static_cast<int64_t>(bytes)}, byte_opts(like));
-  C10_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairs(
-      tmp.data_ptr(), bytes, kin, kout, vin, vout, static_cast<int>(segments * L),
-      static_cast<int>(segments), off, off + 1, 0, end_bit, stream));
+  run(tmp.data_ptr(), bytes);
 }
 
 // ------------------------------------------------------------------------------ kernels
@@ -109,128 +121,303 @@ __global__ void gather_boxes_kernel(const scalar_t* __restrict__ boxes, const id
   }
 }
 
-// seg_end[p]: chunk-local end of p's segment, (major, minor) keys sorted within the chunk.
-// major may be null. A position whose minor key is `invalid` is a segment of its own.
-template <typename key_t>
-__global__ void segment_end_kernel(const int64_t* __restrict__ major, const key_t* __restrict__ minor,
-                                   int64_t total, int64_t L, key_t invalid,
-                                   int64_t* __restrict__ seg_end) {
+// ------------------------------------------------------------------------------ groups
+// A group is a run of boxes in processing order that one greedy scan handles: one (image,
+// class) segment in nms / batched_nms / batched_nms_multi, one image in the post-processing
+// (whose label segments are then cut by seg_end). Each group of len >= 2 owns an upper-
+// triangular bitmask of group_words(len) words: row block rb (64 rows, fewer in the last)
+// holds nb - rb words per row. So the mask costs ~ sum(len^2) / 128 words over the groups, not
+// n^2 / 128, and a group of one box costs nothing.
+
+HOST_DEVICE_INLINE int64_t nblocks_of(int64_t len) { return div_up(len, kBlock); }
+
+HOST_DEVICE_INLINE int64_t group_tiles(int64_t len) {
+  const int64_t nb = nblocks_of(len);
+  return len < 2 ? 0 : nb * (nb + 1) / 2;
+}
+
+HOST_DEVICE_INLINE int64_t group_words(int64_t len) {
+  if (len < 2) return 0;
+  const int64_t nb = nblocks_of(len);
+  return tri_offset(nb - 1, nb) + (len - int64_t(kBlock) * (nb - 1));
+}
+
+// Tiles of a group before row block rb.
+HOST_DEVICE_INLINE int64_t tiles_before(int64_t rb, int64_t nb) { return rb * nb - rb * (rb - 1) / 2; }
+
+// Either G groups given by arrays (start, len, word and tile offsets), or G uniform groups of
+// length L back to back (start = g L): then nothing about them needs the device.
+struct Groups {
+  const int64_t* start = nullptr;
+  const int64_t* len = nullptr;
+  const int64_t* word_off = nullptr;
+  const int64_t* tile_off = nullptr;
+  int64_t G = 0;
+  int64_t L = 0;
+
+  __device__ __forceinline__ int64_t start_of(int64_t g) const { return start ? start[g] : g * L; }
+  __device__ __forceinline__ int64_t len_of(int64_t g) const { return len ? len[g] : L; }
+  __device__ __forceinline__ int64_t words_at(int64_t g) const {
+    return word_off ? word_off[g] : g * group_words(L);
+  }
+  // The group of global tile t and t's index inside it.
+  __device__ __forceinline__ int64_t group_of_tile(int64_t t, int64_t& local) const {
+    if (!tile_off) {
+      const int64_t per = group_tiles(L);
+      const int64_t g = t / per;
+      local = t - g * per;
+      return g;
+    }
+    int64_t lo = 0, hi = G - 1;  // last g with tile_off[g] <= t
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo + 1) / 2;
+      if (tile_off[mid] <= t) lo = mid;
+      else hi = mid - 1;
+    }
+    local = t - tile_off[lo];
+    return lo;
+  }
+};
+
+// seg_end[p]: group-local end of p's label segment, for uniform groups of length L whose
+// label keys are sorted within the group. A key equal to `invalid` (an empty candidate slot)
+// is a segment of its own.
+__global__ void segment_end_kernel(const uint32_t* __restrict__ keys, int64_t total, int64_t L,
+                                   uint32_t invalid, int64_t* __restrict__ seg_end) {
   for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < total;
        p += int64_t(gridDim.x) * blockDim.x) {
     const int64_t base = (p / L) * L;
-    const key_t mk = minor[p];
-    const int64_t Mk = major ? major[p] : 0;
-    if (mk == invalid) {
+    const uint32_t k = keys[p];
+    if (k == invalid) {
       seg_end[p] = p - base + 1;
       continue;
     }
     int64_t lo = p + 1, hi = base + L;  // first position past the segment, in [lo, hi]
     while (lo < hi) {
       const int64_t mid = lo + (hi - lo) / 2;
-      const bool same = minor[mid] == mk && (!major || major[mid] == Mk);
-      if (same) lo = mid + 1;
+      if (keys[mid] == k) lo = mid + 1;
       else hi = mid;
     }
     seg_end[p] = lo - base;
   }
 }
 
-// Tile (column block x, row block y, chunk z) of the suppression bitmask.
+// One 64x64 tile (row block rb, column block cb >= rb of one group) per block iteration.
+// seg_end (group-local, may be null: the group's end) limits the columns a row can suppress.
 template <typename F>
 __global__ void __launch_bounds__(kBlock) mask_kernel(const F* __restrict__ boxes,
                                                       const F* __restrict__ areas,
                                                       const int64_t* __restrict__ seg_end,
-                                                      int64_t L, int64_t nb, F thr,
+                                                      Groups grp, int64_t total_tiles, F thr,
                                                       uint64_t* __restrict__ mask) {
-  const int64_t cb = blockIdx.x, rb = blockIdx.y, chunk = blockIdx.z;
-  if (cb < rb) return;
-  const int64_t base = chunk * L;
-  const int64_t last_row = min(rb * kBlock + kBlock - 1, L - 1);
-  if (cb * kBlock >= seg_end[base + last_row]) return;  // no row of the block reaches here
   __shared__ F sb[kBlock * 4];
   __shared__ F sa[kBlock];
   const int t = threadIdx.x;
-  const int64_t col = cb * kBlock + t;
-  if (col < L) {
-    const F* b = boxes + 4 * (base + col);
-    sb[4 * t] = b[0], sb[4 * t + 1] = b[1], sb[4 * t + 2] = b[2], sb[4 * t + 3] = b[3];
-    sa[t] = areas[base + col];
+  for (int64_t tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+    int64_t lt;
+    const int64_t g = grp.group_of_tile(tile, lt);
+    const int64_t base = grp.start_of(g), len = grp.len_of(g), nb = nblocks_of(len);
+    int64_t lo = 0, hi = nb - 1;  // row block: last rb with tiles_before(rb) <= lt
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo + 1) / 2;
+      if (tiles_before(mid, nb) <= lt) lo = mid;
+      else hi = mid - 1;
+    }
+    const int64_t rb = lo, cb = rb + (lt - tiles_before(rb, nb));
+    const int64_t last_row = min(rb * kBlock + kBlock - 1, len - 1);
+    // Block-uniform: no row of the block reaches this column block (another label).
+    if (seg_end && cb * kBlock >= seg_end[base + last_row]) continue;
+    __syncthreads();  // the previous tile's readers are done with sb / sa
+    const int64_t col = cb * kBlock + t;
+    if (col < len) {
+      const F* b = boxes + 4 * (base + col);
+      sb[4 * t] = b[0], sb[4 * t + 1] = b[1], sb[4 * t + 2] = b[2], sb[4 * t + 3] = b[3];
+      sa[t] = areas[base + col];
+    }
+    __syncthreads();
+    const int64_t row = rb * kBlock + t;
+    if (row >= len) continue;
+    const F* rbx = boxes + 4 * (base + row);
+    const F r[4] = {rbx[0], rbx[1], rbx[2], rbx[3]};
+    const F ra = areas[base + row];
+    const int64_t se = seg_end ? seg_end[base + row] : len;
+    uint64_t bits = 0;
+    for (int j = (cb == rb ? t + 1 : 0); j < kBlock; ++j) {
+      if (cb * kBlock + j >= se) break;
+      // a = the higher-scored box, as on the CPU (kept box first).
+      if (box_iou_pair(r, ra, sb + 4 * j, sa[j]) > thr) bits |= 1ull << j;
+    }
+    mask[grp.words_at(g) + tri_offset(rb, nb) + int64_t(t) * (nb - rb) + (cb - rb)] = bits;
   }
-  __syncthreads();
-  const int64_t row = rb * kBlock + t;
-  if (row >= L) return;
-  const F* rbx = boxes + 4 * (base + row);
-  const F r[4] = {rbx[0], rbx[1], rbx[2], rbx[3]};
-  const F ra = areas[base + row];
-  const int64_t se = seg_end[base + row];
-  uint64_t bits = 0;
-  for (int j = (cb == rb ? t + 1 : 0); j < kBlock; ++j) {
-    if (cb * kBlock + j >= se) break;
-    // a = the higher-scored box, as on the CPU (kept box first).
-    if (box_iou_pair(r, ra, sb + 4 * j, sa[j]) > thr) bits |= 1ull << j;
-  }
-  mask[chunk * tri_offset(nb, nb) + tri_offset(rb, nb) + int64_t(t) * (nb - rb) + (cb - rb)] = bits;
 }
 
-// Greedy scan of one chunk per block (torchvision's gather_keep_from_mask, on the triangle
-// and limited to each row's segment). `removed`: nb words per chunk, in shared memory when
-// they fit, else global scratch.
-__global__ void scan_kernel(const uint64_t* __restrict__ mask, const int64_t* __restrict__ seg_end,
-                            int64_t L, int64_t nb, uint64_t* __restrict__ removed_global,
-                            uint8_t* __restrict__ keep) {
-  extern __shared__ uint64_t removed_shared[];
-  const int64_t chunk = blockIdx.x;
-  uint64_t* removed = removed_global ? removed_global + chunk * nb : removed_shared;
-  const int64_t base = chunk * L;
-  const uint64_t* m = mask + chunk * tri_offset(nb, nb);
-  const int tid = threadIdx.x;
-  for (int64_t i = tid; i < nb; i += blockDim.x) removed[i] = 0;
-  __syncthreads();
-  for (int64_t rb = 0; rb < nb; ++rb) {
-    uint64_t rv = removed[rb];
-    __syncthreads();
-    const uint64_t* blk = m + tri_offset(rb, nb);
-    const int64_t stride = nb - rb;
-    for (int in = 0; in < kBlock; ++in) {
-      const int64_t i = rb * kBlock + in;
-      if (i >= L) break;
-      const bool kept = !((rv >> in) & 1ull);
-      if (tid == 0) keep[base + i] = kept;
-      if (kept) {
+// Greedy scan (torchvision's gather_keep_from_mask, on the triangle and limited to each row's
+// segment), one warp per group of at most 32 row blocks (2048 boxes): the removed bits live in
+// registers, word j in lane j. Bit `in` of a row block's removed word is final once rows
+// before `in` are done (a row only marks later rows), so the kept flags are written after
+// the block, by all lanes.
+__global__ void scan_warp_kernel(const uint64_t* __restrict__ mask, const int64_t* __restrict__ seg_end,
+                                 Groups grp, uint8_t* __restrict__ keep) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t g = warp; g < grp.G; g += nwarps) {
+    const int64_t len = grp.len_of(g), base = grp.start_of(g), nb = nblocks_of(len);
+    if (len == 0 || nb > 32) continue;  // warp-uniform; larger groups: scan_block_kernel
+    if (len == 1) {
+      if (lane == 0) keep[base] = 1;
+      continue;
+    }
+    const uint64_t* m = mask + grp.words_at(g);
+    uint64_t removed = 0;  // word `lane` of the group's removed bits
+    for (int64_t rb = 0; rb < nb; ++rb) {
+      uint64_t rv = __shfl_sync(0xffffffffu, removed, int(rb));
+      const uint64_t* blk = m + tri_offset(rb, nb);
+      const int64_t stride = nb - rb;
+      const int rows = int(min(int64_t(kBlock), len - rb * kBlock));
+      for (int in = 0; in < rows; ++in) {
+        if ((rv >> in) & 1ull) continue;
         const uint64_t* p = blk + int64_t(in) * stride;
-        const int64_t ce = div_up(seg_end[base + i], kBlock);
+        const int64_t ce = seg_end ? div_up(seg_end[base + rb * kBlock + in], kBlock) : nb;
+        if (lane > rb && lane < ce) removed |= p[lane - rb];
+        rv |= p[0];
+      }
+      for (int in = lane; in < rows; in += 32) keep[base + rb * kBlock + in] = !((rv >> in) & 1ull);
+    }
+  }
+}
+
+// The same scan with one block per group larger than 2048 boxes. `removed` (nb words) is in
+// shared memory when the largest group's words fit the limit, else in global scratch
+// (max_nb words per block).
+__global__ void scan_block_kernel(const uint64_t* __restrict__ mask, const int64_t* __restrict__ seg_end,
+                                  Groups grp, int64_t max_nb, uint64_t* __restrict__ scratch,
+                                  uint8_t* __restrict__ keep) {
+  extern __shared__ uint64_t removed_shared[];
+  uint64_t* removed = scratch ? scratch + int64_t(blockIdx.x) * max_nb : removed_shared;
+  const int tid = threadIdx.x;
+  for (int64_t g = blockIdx.x; g < grp.G; g += gridDim.x) {
+    const int64_t len = grp.len_of(g), base = grp.start_of(g), nb = nblocks_of(len);
+    if (nb <= 32) continue;  // block-uniform
+    const uint64_t* m = mask + grp.words_at(g);
+    __syncthreads();  // the previous group's readers are done with `removed`
+    for (int64_t i = tid; i < nb; i += blockDim.x) removed[i] = 0;
+    __syncthreads();
+    for (int64_t rb = 0; rb < nb; ++rb) {
+      uint64_t rv = removed[rb];  // nobody writes word rb during this row block
+      const uint64_t* blk = m + tri_offset(rb, nb);
+      const int64_t stride = nb - rb;
+      const int rows = int(min(int64_t(kBlock), len - rb * kBlock));
+      for (int in = 0; in < rows; ++in) {
+        if ((rv >> in) & 1ull) continue;
+        const uint64_t* p = blk + int64_t(in) * stride;
+        const int64_t ce = seg_end ? div_up(seg_end[base + rb * kBlock + in], kBlock) : nb;
         for (int64_t j = rb + 1 + tid; j < ce; j += blockDim.x) removed[j] |= p[j - rb];
         rv |= p[0];
       }
+      for (int in = tid; in < rows; in += blockDim.x) keep[base + rb * kBlock + in] = !((rv >> in) & 1ull);
+      __syncthreads();
     }
-    __syncthreads();
   }
 }
 
-// Runs mask + scan over `chunks` chunks of L sorted boxes. keep: [chunks * L] out.
+// Mask + scan over the groups. total_words / total_tiles / max_len: of these groups (the
+// callers know them: from the host for uniform groups, from the one sync otherwise).
 template <typename F>
-void mask_and_scan(const F* boxes, const F* areas, const int64_t* seg_end, int64_t chunks,
-                   int64_t L, double thr_d, uint8_t* keep, const Tensor& like, cudaStream_t stream) {
-  if (chunks * L == 0) return;
-  const int64_t nb = div_up(L, kBlock);
-  TORCH_CHECK(nb <= 65535, "retina_fast::nms (CUDA): at most 65535 * 64 boxes per chunk, got ", L);
-  const int64_t words = chunks * tri_offset(nb, nb);
-  Tensor mask = at::empty({words}, like.options().dtype(at::kLong));
+void mask_and_scan(const F* boxes, const F* areas, const int64_t* seg_end, const Groups& grp,
+                   int64_t total_words, int64_t total_tiles, int64_t max_len, double thr_d,
+                   uint8_t* keep, const Tensor& like, cudaStream_t stream) {
+  if (grp.G == 0) return;
+  Tensor mask = at::empty({std::max<int64_t>(total_words, 1)}, like.options().dtype(at::kLong));
   uint64_t* mp = reinterpret_cast<uint64_t*>(mask.mutable_data_ptr<int64_t>());
-  const F thr = iou_threshold_as<F>(thr_d);
-  const dim3 grid(nb, nb, chunks);
-  mask_kernel<F><<<grid, kBlock, 0, stream>>>(boxes, areas, seg_end, L, nb, thr, mp);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const size_t shared = nb * sizeof(uint64_t);
-  Tensor scratch;
-  uint64_t* rg = nullptr;
-  if (shared > 32 * 1024) {
-    scratch = at::empty({chunks * nb}, like.options().dtype(at::kLong));
-    rg = reinterpret_cast<uint64_t*>(scratch.mutable_data_ptr<int64_t>());
+  if (total_tiles > 0) {
+    const F thr = iou_threshold_as<F>(thr_d);
+    const int64_t blocks = std::min<int64_t>(total_tiles, int64_t(1) << 20);
+    mask_kernel<F><<<blocks, kBlock, 0, stream>>>(boxes, areas, seg_end, grp, total_tiles, thr, mp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const int threads = static_cast<int>(std::min<int64_t>(std::max<int64_t>(32, div_up(nb, 32) * 32), 1024));
-  scan_kernel<<<chunks, threads, rg ? 0 : shared, stream>>>(mp, seg_end, L, nb, rg, keep);
+  const int threads = cuda::kThreads;
+  const int64_t warp_blocks = std::min<int64_t>(div_up(grp.G, threads / 32), 8192);
+  scan_warp_kernel<<<warp_blocks, threads, 0, stream>>>(mp, seg_end, grp, keep);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t max_nb = nblocks_of(max_len);
+  if (max_nb > 32) {
+    const int64_t blocks = std::min<int64_t>(grp.G, 1024);
+    const int64_t shared = max_nb * int64_t(sizeof(uint64_t));
+    Tensor scratch;
+    uint64_t* sp = nullptr;
+    if (shared > scan_shared_limit()) {
+      scratch = at::empty({blocks * max_nb}, like.options().dtype(at::kLong));
+      sp = reinterpret_cast<uint64_t*>(scratch.mutable_data_ptr<int64_t>());
+    }
+    scan_block_kernel<<<blocks, threads, sp ? 0 : size_t(shared), stream>>>(mp, seg_end, grp, max_nb, sp, keep);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// ------------------------------------------------------------------------------ segments of nms
+
+// Sorted (image, class) keys: head[p] = 1 where a segment starts. Also the first image id out
+// of [0, B) in input order (stats[kFirstBad], atomicMin), which the host check reports.
+__global__ void heads_kernel(const int64_t* __restrict__ cls_s, const int64_t* __restrict__ img_s,
+                             const int64_t* __restrict__ img, int64_t n, int64_t B,
+                             int64_t* __restrict__ head, int64_t* __restrict__ stats) {
+  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
+       p += int64_t(gridDim.x) * blockDim.x) {
+    head[p] = p == 0 || cls_s[p] != cls_s[p - 1] || (img_s && img_s[p] != img_s[p - 1]);
+    if (img && (img[p] < 0 || img[p] >= B))
+      atomicMin(reinterpret_cast<unsigned long long*>(stats + 2), static_cast<unsigned long long>(p));
+  }
+}
+
+// seg[p] = inclusive count of heads (1-based segment id). Writes group starts, and G = seg[n-1].
+__global__ void starts_kernel(const int64_t* __restrict__ head, const int64_t* __restrict__ seg, int64_t n,
+                              int64_t* __restrict__ start, int64_t* __restrict__ stats) {
+  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
+       p += int64_t(gridDim.x) * blockDim.x) {
+    if (head[p]) start[seg[p] - 1] = p;
+    if (p == n - 1) {
+      start[seg[p]] = n;
+      stats[0] = seg[p];
+    }
+  }
+}
+
+// Per group (entries g >= G are zero): length, mask words, tiles; the largest length.
+__global__ void group_sizes_kernel(const int64_t* __restrict__ start, int64_t n, int64_t* __restrict__ len,
+                                   int64_t* __restrict__ words, int64_t* __restrict__ tiles,
+                                   int64_t* __restrict__ stats) {
+  const int64_t G = stats[0];
+  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < n;
+       g += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t l = g < G ? start[g + 1] - start[g] : 0;
+    len[g] = l;
+    words[g] = group_words(l);
+    tiles[g] = group_tiles(l);
+    if (l > 0) atomicMax(reinterpret_cast<unsigned long long*>(stats + 1), static_cast<unsigned long long>(l));
+  }
+}
+
+// Totals after the exclusive scans: stats[3] words, stats[4] tiles.
+__global__ void totals_kernel(const int64_t* __restrict__ words, const int64_t* __restrict__ word_off,
+                              const int64_t* __restrict__ tiles, const int64_t* __restrict__ tile_off,
+                              int64_t n, int64_t* __restrict__ stats) {
+  stats[3] = word_off[n - 1] + words[n - 1];
+  stats[4] = tile_off[n - 1] + tiles[n - 1];
+}
+
+void exclusive_sum(const int64_t* in, int64_t* out, int64_t n, cudaStream_t stream, const Tensor& like) {
+  size_t bytes = 0;
+  C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, bytes, in, out, static_cast<int>(n), stream));
+  Tensor tmp = at::empty({static_cast<int64_t>(bytes)}, byte_opts(like));
+  C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(tmp.data_ptr(), bytes, in, out, static_cast<int>(n), stream));
+}
+
+void inclusive_sum(const int64_t* in, int64_t* out, int64_t n, cudaStream_t stream, const Tensor& like) {
+  size_t bytes = 0;
+  C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, bytes, in, out, static_cast<int>(n), stream));
+  Tensor tmp = at::empty({static_cast<int64_t>(bytes)}, byte_opts(like));
+  C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(tmp.data_ptr(), bytes, in, out, static_cast<int>(n), stream));
 }
 
 __global__ void scatter_keep_kernel(const uint8_t* __restrict__ keep_sorted, const int32_t* __restrict__ perm,
@@ -241,7 +428,7 @@ __global__ void scatter_keep_kernel(const uint8_t* __restrict__ keep_sorted, con
   }
 }
 
-// key[q] = image of the q-th box in score order if kept (and its image valid), else B.
+// key[q] = image of the q-th box in score order if kept, else B.
 __global__ void image_key_kernel(const uint8_t* __restrict__ keep_orig, const int32_t* __restrict__ score_perm,
                                  const int64_t* __restrict__ img, int64_t n, int64_t B,
                                  int64_t* __restrict__ key, int64_t* __restrict__ counts) {
@@ -269,9 +456,13 @@ __global__ void write_keep_kernel(const int64_t* __restrict__ key, const int32_t
 
 // ------------------------------------------------------------------------------ NMS driver
 
+// Host syncs: with classes or images, one to size the mask from the segments (and to check the
+// image ids); then, when max_per_image < 0, one for the output width. nms (one segment) needs
+// only the second.
 template <typename scalar_t, typename score_t>
 std::tuple<Tensor, Tensor> multi_impl(const Tensor& boxes, const Tensor& scores, const Tensor& cls,
-                                      const Tensor& img, int64_t B, double thr, int64_t max_per_image) {
+                                      const Tensor& img, int64_t B, double thr, int64_t max_per_image,
+                                      const char* op) {
   using F = typename IouType<scalar_t>::type;
   using key_t = typename std::conditional<std::is_same<score_t, double>::value, uint64_t, uint32_t>::type;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -300,15 +491,61 @@ std::tuple<Tensor, Tensor> multi_impl(const Tensor& boxes, const Tensor& scores,
                p2.mutable_data_ptr<int32_t>(), n, stream, boxes);
     perm = p2;
   }
-  Tensor cls_s = cls.defined() ? cls.index_select(0, perm) : at::zeros({n}, lopt);
-  Tensor img_s = img.defined() ? img.index_select(0, perm) : Tensor();
 
-  // 2. segments, boxes in processing order, mask, scan
-  Tensor seg_end = at::empty({n}, lopt);
-  segment_end_kernel<int64_t><<<grid, threads, 0, stream>>>(
-      img_s.defined() ? img_s.const_data_ptr<int64_t>() : nullptr, cls_s.const_data_ptr<int64_t>(), n, n,
-      std::numeric_limits<int64_t>::max(), seg_end.mutable_data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // 2. groups = (image, class) segments of the sorted order
+  Groups grp;
+  int64_t total_words, total_tiles, max_len;
+  Tensor gbuf;  // start [n + 1], len, word_off, tile_off, words, tiles [n] each
+  if (!cls.defined() && !img.defined()) {
+    grp.G = 1;
+    grp.L = n;
+    total_words = group_words(n);
+    total_tiles = group_tiles(n);
+    max_len = n;
+  } else {
+    Tensor cls_s = cls.defined() ? cls.index_select(0, perm) : at::zeros({n}, lopt);
+    Tensor img_s = img.defined() ? img.index_select(0, perm) : Tensor();
+    // stats: G, max len, first bad image id position, total words, total tiles
+    Tensor stats = at::zeros({5}, lopt);
+    stats.narrow(0, 2, 1).fill_(std::numeric_limits<int64_t>::max());
+    Tensor head = at::empty({n}, lopt), seg = at::empty({n}, lopt);
+    gbuf = at::empty({6 * n + 1}, lopt);
+    int64_t* start = gbuf.mutable_data_ptr<int64_t>();
+    int64_t *len = start + n + 1, *word_off = len + n, *tile_off = word_off + n, *words = tile_off + n,
+            *tiles = words + n;
+    int64_t* st = stats.mutable_data_ptr<int64_t>();
+    heads_kernel<<<grid, threads, 0, stream>>>(cls_s.const_data_ptr<int64_t>(),
+                                              img_s.defined() ? img_s.const_data_ptr<int64_t>() : nullptr,
+                                              img.defined() ? img.const_data_ptr<int64_t>() : nullptr, n, B,
+                                              head.mutable_data_ptr<int64_t>(), st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    inclusive_sum(head.const_data_ptr<int64_t>(), seg.mutable_data_ptr<int64_t>(), n, stream, boxes);
+    starts_kernel<<<grid, threads, 0, stream>>>(head.const_data_ptr<int64_t>(), seg.const_data_ptr<int64_t>(), n,
+                                               start, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    group_sizes_kernel<<<grid, threads, 0, stream>>>(start, n, len, words, tiles, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    exclusive_sum(words, word_off, n, stream, boxes);
+    exclusive_sum(tiles, tile_off, n, stream, boxes);
+    totals_kernel<<<1, 1, 0, stream>>>(words, word_off, tiles, tile_off, n, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const Tensor h = stats.cpu();  // the sync that sizes the mask
+    const int64_t* hs = h.const_data_ptr<int64_t>();
+    if (hs[2] != std::numeric_limits<int64_t>::max()) {
+      TORCH_CHECK(false, op, ": expected every image id in [0, ", B, "), got image_ids[", hs[2], "] = ",
+                  img.select(0, hs[2]).item<int64_t>());
+    }
+    grp.start = start;
+    grp.len = len;
+    grp.word_off = word_off;
+    grp.tile_off = tile_off;
+    grp.G = hs[0];
+    max_len = hs[1];
+    total_words = hs[3];
+    total_tiles = hs[4];
+  }
+
+  // 3. boxes in processing order, mask, scan
   const auto fopt = boxes.options().dtype(c10::CppTypeToScalarType<F>::value);
   Tensor sb = at::empty({n, 4}, fopt), sa = at::empty({n}, fopt);
   gather_boxes_kernel<scalar_t, F, int32_t><<<grid, threads, 0, stream>>>(
@@ -316,10 +553,10 @@ std::tuple<Tensor, Tensor> multi_impl(const Tensor& boxes, const Tensor& scores,
       sa.mutable_data_ptr<F>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   Tensor keep = at::empty({n}, byte_opts(boxes));
-  mask_and_scan<F>(sb.const_data_ptr<F>(), sa.const_data_ptr<F>(), seg_end.const_data_ptr<int64_t>(), 1, n,
-                   thr, keep.mutable_data_ptr<uint8_t>(), boxes, stream);
+  mask_and_scan<F>(sb.const_data_ptr<F>(), sa.const_data_ptr<F>(), nullptr, grp, total_words, total_tiles,
+                   max_len, thr, keep.mutable_data_ptr<uint8_t>(), boxes, stream);
 
-  // 3. kept boxes per image in score order
+  // 4. kept boxes per image in score order
   Tensor keep_orig = at::empty({n}, byte_opts(boxes));
   scatter_keep_kernel<<<grid, threads, 0, stream>>>(keep.const_data_ptr<uint8_t>(), perm.const_data_ptr<int32_t>(),
                                                     n, keep_orig.mutable_data_ptr<uint8_t>());
@@ -334,7 +571,7 @@ std::tuple<Tensor, Tensor> multi_impl(const Tensor& boxes, const Tensor& scores,
   sort_pairs(ikey.const_data_ptr<int64_t>(), ikey_s.mutable_data_ptr<int64_t>(), score_perm.const_data_ptr<int32_t>(),
              final_idx.mutable_data_ptr<int32_t>(), n, stream, boxes);
   Tensor offsets = at::cumsum(counts, 0) - counts;
-  // The one host sync: the width of a data-dependent output.
+  // The width of a data-dependent output: a host sync.
   const int64_t W = max_per_image >= 0 ? max_per_image : (B > 0 ? counts.max().item<int64_t>() : 0);
   Tensor out = at::full({B, W}, -1, lopt);
   if (n > 0 && B > 0 && W > 0) {
@@ -347,14 +584,15 @@ std::tuple<Tensor, Tensor> multi_impl(const Tensor& boxes, const Tensor& scores,
 }
 
 std::tuple<Tensor, Tensor> run_multi(const Tensor& boxes, const Tensor& scores, const Tensor& cls,
-                                     const Tensor& img, int64_t B, double thr, int64_t max_per_image) {
+                                     const Tensor& img, int64_t B, double thr, int64_t max_per_image,
+                                     const char* op) {
   const at::cuda::CUDAGuard guard(boxes.device());
   const Tensor b = boxes.contiguous(), s = scores.contiguous();
   std::tuple<Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "nms_cuda", [&] {
     using box_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "nms_cuda_scores", [&] {
-      out = multi_impl<box_t, scalar_t>(b, s, cls, img, B, thr, max_per_image);
+      out = multi_impl<box_t, scalar_t>(b, s, cls, img, B, thr, max_per_image, op);
     });
   });
   return out;
@@ -365,7 +603,7 @@ Tensor nms_cuda(const Tensor& boxes, const Tensor& scores, double iou_threshold)
   check_nms_args(boxes, scores, iou_threshold, op);
   check_device(boxes, at::kCUDA, op, "boxes");
   if (boxes.size(0) == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
-  return std::get<0>(run_multi(boxes, scores, Tensor(), Tensor(), 1, iou_threshold, -1)).select(0, 0);
+  return std::get<0>(run_multi(boxes, scores, Tensor(), Tensor(), 1, iou_threshold, -1, op)).select(0, 0);
 }
 
 Tensor batched_nms_cuda(const Tensor& boxes, const Tensor& scores, const Tensor& idxs, double iou_threshold) {
@@ -374,7 +612,7 @@ Tensor batched_nms_cuda(const Tensor& boxes, const Tensor& scores, const Tensor&
   check_index_arg(idxs, boxes, op, "idxs");
   check_device(boxes, at::kCUDA, op, "boxes");
   if (boxes.size(0) == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
-  return std::get<0>(run_multi(boxes, scores, idxs.to(at::kLong).contiguous(), Tensor(), 1, iou_threshold, -1))
+  return std::get<0>(run_multi(boxes, scores, idxs.to(at::kLong).contiguous(), Tensor(), 1, iou_threshold, -1, op))
       .select(0, 0);
 }
 
@@ -390,7 +628,7 @@ std::tuple<Tensor, Tensor> batched_nms_multi_cuda(const Tensor& boxes, const Ten
             at::zeros({num_images}, boxes.options().dtype(at::kLong))};
   }
   return run_multi(boxes, scores, idxs.to(at::kLong).contiguous(), image_ids.to(at::kLong).contiguous(),
-                   num_images, iou_threshold, max_per_image);
+                   num_images, iou_threshold, max_per_image, op);
 }
 
 // ------------------------------------------------------------------------------ post-processing
@@ -403,6 +641,11 @@ __device__ __forceinline__ scalar_t torch_sigmoid(scalar_t x) {
   return static_cast<scalar_t>(one / (one + ::exp(-static_cast<opmath_t>(x))));
 }
 
+// float32/float16/bfloat16 logits: one 64-bit key per (image, logit of the level), torch.topk
+// over them picks the best. key = (float bits of the score << 32) | (2^32 - 1 - index) when
+// score > thresh, else 0. The score is exact in float and >= 0 (sigmoid; thresh may be
+// negative, then -inf logits pass with score +0), so the bits order like the values and the
+// lower index wins ties; NaN never passes. index < 2^32 - 1 (checked), so a valid key is > 0.
 template <typename scalar_t>
 __global__ void level_keys_kernel(const scalar_t* __restrict__ logits, int64_t B, int64_t row_stride,
                                   int64_t level_start, int64_t nl, scalar_t thresh,
@@ -414,35 +657,53 @@ __global__ void level_keys_kernel(const scalar_t* __restrict__ logits, int64_t B
     const scalar_t s = torch_sigmoid(logits[b * row_stride + level_start + i]);
     int64_t key = 0;
     if (s > thresh) {
-      // s > thresh implies s > 0 (thresh may be negative: s >= 0 anyway), so the float bits
-      // order like the values; NaN never passes.
       const uint64_t hi = float_bits(static_cast<float>(s));
       key = static_cast<int64_t>((hi << 32) | (0xFFFFFFFFull - static_cast<uint64_t>(i)));
-      if (key == 0) key = 1;  // s == +0 exactly cannot pass a thresh >= 0; for thresh < 0 keep it valid
     }
     keys[e] = key;
   }
 }
 
+// float64 logits: a float32 key would rank every score above ~1 - 2^-24 (logits above ~17) as
+// 1.0f, then by index. Here the key is the score's own 64 bits + 1 (0: below the threshold),
+// and a stable segmented sort, descending, of (key, index) per image ranks them exactly, the
+// lower index first among equal scores.
+__global__ void level_keys64_kernel(const double* __restrict__ logits, int64_t B, int64_t row_stride,
+                                    int64_t level_start, int64_t nl, double thresh,
+                                    uint64_t* __restrict__ keys, int32_t* __restrict__ idx) {
+  const int64_t total = B * nl;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = e / nl, i = e - b * nl;
+    const double s = torch_sigmoid(logits[b * row_stride + level_start + i]);
+    keys[e] = s > thresh ? double_bits(s) + 1ull : 0ull;  // s in [0, 1]: no overflow
+    idx[e] = static_cast<int32_t>(i);
+  }
+}
+
+// The j-th best (key, index) of image b in a level, j < k: key 0 marks an empty slot. The
+// flat index (anchor * K + class) is idx[...] when given, else packed in the key (see
+// level_keys_kernel). Decodes and clips the candidate into slot b * C + cand_off + j.
 template <typename scalar_t>
-__global__ void candidates_kernel(const int64_t* __restrict__ topk_keys, int64_t B, int64_t k, int64_t C,
-                                  int64_t cand_off, const scalar_t* __restrict__ logits,
-                                  const scalar_t* __restrict__ reg, const scalar_t* __restrict__ anchors,
-                                  bool shared_anchors, const int64_t* __restrict__ sizes, int64_t A,
-                                  int64_t K, int64_t level_anchor_off, scalar_t clip,
-                                  uint8_t* __restrict__ valid, int64_t* __restrict__ labels,
+__global__ void candidates_kernel(const int64_t* __restrict__ top_keys, const int32_t* __restrict__ top_idx,
+                                  int64_t key_stride, int64_t B, int64_t k, int64_t C, int64_t cand_off,
+                                  const scalar_t* __restrict__ logits, const scalar_t* __restrict__ reg,
+                                  const scalar_t* __restrict__ anchors, bool shared_anchors,
+                                  const int64_t* __restrict__ sizes, int64_t A, int64_t K, int64_t level_anchor_off,
+                                  scalar_t clip, uint8_t* __restrict__ valid, int64_t* __restrict__ labels,
                                   scalar_t* __restrict__ scores, scalar_t* __restrict__ boxes) {
   const int64_t total = B * k;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
        e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = e / k, j = e - b * k;
     const int64_t q = b * C + cand_off + j;
-    const uint64_t key = static_cast<uint64_t>(topk_keys[e]);
+    const uint64_t key = static_cast<uint64_t>(top_keys[b * key_stride + j]);
     if (key == 0) {
       valid[q] = 0;
       continue;
     }
-    const int64_t idx = static_cast<int64_t>(0xFFFFFFFFull - (key & 0xFFFFFFFFull));
+    const int64_t idx = top_idx ? int64_t(top_idx[b * key_stride + j])
+                                : static_cast<int64_t>(0xFFFFFFFFull - (key & 0xFFFFFFFFull));
     const int64_t a = level_anchor_off + idx / K;
     valid[q] = 1;
     labels[q] = idx % K;
@@ -560,25 +821,45 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> postprocess_impl(
   Tensor clabels = at::empty({B * C}, lopt);
   Tensor cscores = at::empty({B * C}, logits.options());
   Tensor cboxes = at::empty({B * C, 4}, reg.options());
-  Tensor keys;
+  Tensor keys, keys_sorted, idx, idx_sorted;
   for (size_t l = 0; l < levels.size(); ++l) {
     const int64_t nl = levels[l] * K;
     if (ks[l] == 0) continue;
     if (!keys.defined() || keys.numel() < B * nl) keys = at::empty({B * nl}, lopt);
     Tensor kl = keys.narrow(0, 0, B * nl).view({B, nl});
-    level_keys_kernel<scalar_t><<<cuda::grid_for(B * nl), threads, 0, stream>>>(
-        logits.const_data_ptr<scalar_t>(), B, A * K, aoff[l] * K, nl, thresh, kl.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    Tensor top = std::get<0>(at::topk(kl, ks[l], 1, true, true)).contiguous();
+    Tensor top;  // [B, stride] keys, best first in the first ks[l] columns
+    const int32_t* top_idx = nullptr;
+    if constexpr (std::is_same<scalar_t, double>::value) {
+      if (!idx.defined() || idx.numel() < B * nl) {
+        idx = at::empty({B * nl}, lopt.dtype(at::kInt));
+        idx_sorted = at::empty({B * nl}, lopt.dtype(at::kInt));
+        keys_sorted = at::empty({B * nl}, lopt);
+      }
+      uint64_t* kp = reinterpret_cast<uint64_t*>(kl.data_ptr());
+      level_keys64_kernel<<<cuda::grid_for(B * nl), threads, 0, stream>>>(
+          logits.const_data_ptr<double>(), B, A * K, aoff[l] * K, nl, score_thresh, kp,
+          idx.mutable_data_ptr<int32_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      segmented_sort_pairs(static_cast<const uint64_t*>(kp), reinterpret_cast<uint64_t*>(keys_sorted.data_ptr()),
+                           idx.const_data_ptr<int32_t>(), idx_sorted.mutable_data_ptr<int32_t>(), B, nl, stream,
+                           logits, 64, /*descending=*/true);
+      top = keys_sorted.narrow(0, 0, B * nl).view({B, nl});
+      top_idx = idx_sorted.const_data_ptr<int32_t>();
+    } else {
+      level_keys_kernel<scalar_t><<<cuda::grid_for(B * nl), threads, 0, stream>>>(
+          logits.const_data_ptr<scalar_t>(), B, A * K, aoff[l] * K, nl, thresh, kl.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      top = std::get<0>(at::topk(kl, ks[l], 1, true, true)).contiguous();
+    }
     candidates_kernel<scalar_t><<<cuda::grid_for(B * ks[l]), threads, 0, stream>>>(
-        top.const_data_ptr<int64_t>(), B, ks[l], C, koff[l], logits.const_data_ptr<scalar_t>(),
-        reg.const_data_ptr<scalar_t>(), anchors.const_data_ptr<scalar_t>(), anchors.dim() == 2,
-        sizes.const_data_ptr<int64_t>(), A, K, aoff[l], clip, valid.mutable_data_ptr<uint8_t>(),
+        top.const_data_ptr<int64_t>(), top_idx, top.size(1), B, ks[l], C, koff[l],
+        logits.const_data_ptr<scalar_t>(), reg.const_data_ptr<scalar_t>(), anchors.const_data_ptr<scalar_t>(),
+        anchors.dim() == 2, sizes.const_data_ptr<int64_t>(), A, K, aoff[l], clip, valid.mutable_data_ptr<uint8_t>(),
         clabels.mutable_data_ptr<int64_t>(), cscores.mutable_data_ptr<scalar_t>(),
         cboxes.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  keys = Tensor();
+  keys = keys_sorted = idx = idx_sorted = Tensor();
 
   // 2. per image: score order (stable: ties keep candidate order), then by label (stable)
   const int64_t n = B * C;
@@ -603,8 +884,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> postprocess_impl(
 
   // 3. NMS, one chunk per image
   Tensor seg_end = at::empty({n}, lopt);
-  segment_end_kernel<uint32_t><<<grid, threads, 0, stream>>>(nullptr, lksp, n, C, 0xFFFFFFFFu,
-                                                             seg_end.mutable_data_ptr<int64_t>());
+  segment_end_kernel<<<grid, threads, 0, stream>>>(lksp, n, C, 0xFFFFFFFFu, seg_end.mutable_data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto fopt = logits.options().dtype(c10::CppTypeToScalarType<F>::value);
   Tensor sb = at::empty({n, 4}, fopt), sa = at::empty({n}, fopt);
@@ -613,8 +893,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> postprocess_impl(
       sa.mutable_data_ptr<F>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   Tensor keep = at::empty({n}, byte_opts(logits));
-  mask_and_scan<F>(sb.const_data_ptr<F>(), sa.const_data_ptr<F>(), seg_end.const_data_ptr<int64_t>(), B, C,
-                   nms_thresh, keep.mutable_data_ptr<uint8_t>(), logits, stream);
+  Groups grp;  // one group per image, C candidates each: sizes known here, no sync
+  grp.G = B;
+  grp.L = C;
+  mask_and_scan<F>(sb.const_data_ptr<F>(), sa.const_data_ptr<F>(), seg_end.const_data_ptr<int64_t>(), grp,
+                   B * group_words(C), B * group_tiles(C), C, nms_thresh, keep.mutable_data_ptr<uint8_t>(),
+                   logits, stream);
 
   // 4. kept candidates first, in score order; the first D
   Tensor keep_cand = at::empty({n}, byte_opts(logits));

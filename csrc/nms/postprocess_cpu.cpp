@@ -32,20 +32,21 @@ namespace {
 
 constexpr int64_t kScanChunk = int64_t(1) << 18;  // logits per scan task
 
-// Flat indices i in [begin, end) with x[i] > cut, appended to out.
+// Flat indices i in [begin, end) with x[i] >= cut, appended to out. (>=: with cut = -inf, for
+// a threshold < 0, -inf logits, whose score 0 passes, must not be dropped here.)
 RF_TARGET_CLONES void scan_f32(const float* x, int64_t begin, int64_t end, float cut,
                                    std::vector<int64_t>& out) {
   int64_t i = begin;
   for (; i + 16 <= end; i += 16) {
     int any = 0;
-    for (int j = 0; j < 16; ++j) any |= x[i + j] > cut;
+    for (int j = 0; j < 16; ++j) any |= x[i + j] >= cut;
     if (!any) continue;
     for (int j = 0; j < 16; ++j) {
-      if (x[i + j] > cut) out.push_back(i + j);
+      if (x[i + j] >= cut) out.push_back(i + j);
     }
   }
   for (; i < end; ++i) {
-    if (x[i] > cut) out.push_back(i);
+    if (x[i] >= cut) out.push_back(i);
   }
 }
 
@@ -55,12 +56,12 @@ void scan(const scalar_t* x, int64_t begin, int64_t end, float cut, std::vector<
     scan_f32(x, begin, end, cut, out);
   } else {
     for (int64_t i = begin; i < end; ++i) {
-      if (static_cast<double>(x[i]) > static_cast<double>(cut)) out.push_back(i);
+      if (static_cast<double>(x[i]) >= static_cast<double>(cut)) out.push_back(i);
     }
   }
 }
 
-// A logit cut such that x <= cut implies sigmoid(x) <= thresh as torch rounds it (its float
+// A logit cut such that x < cut implies sigmoid(x) <= thresh as torch rounds it (its float
 // sigmoid is within a few ulp of exact and monotone up to that error; the margin covers it
 // with room to spare, and the exact test follows for everything above the cut).
 template <typename scalar_t>
