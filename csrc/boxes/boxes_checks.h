@@ -91,6 +91,11 @@ inline void check_gather(const at::Tensor& matches, const at::Tensor& anchors,
   check_same_device(anchors, gt_labels, op, "anchors", "gt_labels");
 }
 
+[[noreturn]] inline void bad_match(int64_t b, int64_t i, int64_t m, int64_t M) {
+  TORCH_CHECK(false, "retina_fast::gather_targets: expected matches in [0, M) = [0, ", M,
+              "), -1 or -2, got matches[", b, ", ", i, "] = ", m);
+}
+
 // Shapes of encode_boxes: reference_boxes and proposals [..., 4] of equal shape, or proposals
 // [N, 4] shared by reference_boxes [B, N, 4]. Returns the number of rows the proposals repeat
 // over (N), i.e. proposal row = row % n_prop.

@@ -366,7 +366,8 @@ std::tuple<at::Tensor, at::Tensor> gather_targets_cpu(const at::Tensor& matches,
                                                       const at::Tensor& anchors,
                                                       const at::Tensor& gt_boxes,
                                                       const at::Tensor& gt_labels,
-                                                      at::ArrayRef<double> weights) {
+                                                      at::ArrayRef<double> weights,
+                                                      bool /*check_matches: always, it is free here*/) {
   check_gather(matches, anchors, gt_boxes, gt_labels);
   const Weights w = check_weights(weights, "retina_fast::gather_targets");
   const at::ScalarType st = promoted(anchors, gt_boxes);
@@ -390,8 +391,7 @@ std::tuple<at::Tensor, at::Tensor> gather_targets_cpu(const at::Tensor& matches,
     at::parallel_for(0, B * A, 4096, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / A, i = r - b * A, m = mp[r];
-        TORCH_CHECK(m >= -2 && m < M, "retina_fast::gather_targets: expected matches in [0, M) = [0, ",
-                    M, "], -1 or -2, got matches[", b, ", ", i, "] = ", m);
+        if (m < -2 || m >= M) bad_match(b, i, m, M);
         if (m >= 0) {
           lo[r] = lp[b * M + m];
           encode_box(gp + 4 * (b * M + m), ap + 4 * i, wx, wy, ww, wh, to + 4 * r);

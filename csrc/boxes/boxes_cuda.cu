@@ -160,61 +160,65 @@ __device__ __forceinline__ int64_t gt_count(const int64_t* counts, int64_t b, in
   return c < 0 ? 0 : (c > M ? M : c);
 }
 
+// Grid (anchor tiles, images): images run along y in a grid-stride loop, so any number of
+// images fits the 65,535 limit of gridDim.y.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) match_pass1_kernel(
     const scalar_t* __restrict__ anchors, int64_t A, const scalar_t* __restrict__ gts,
-    const int64_t* __restrict__ counts, int64_t M, acc_type<scalar_t>* __restrict__ best_val,
-    int32_t* __restrict__ best_idx, bits_type<acc_type<scalar_t>>* __restrict__ gmax) {
+    const int64_t* __restrict__ counts, int64_t B, int64_t M,
+    acc_type<scalar_t>* __restrict__ best_val, int32_t* __restrict__ best_idx,
+    bits_type<acc_type<scalar_t>>* __restrict__ gmax) {
   using acc_t = acc_type<scalar_t>;
   using bits_t = bits_type<acc_t>;
   __shared__ acc_t sg[5][kGtTile];
   __shared__ uint8_t sreg[kGtTile];
   __shared__ bits_t smax[kGtTile];
   const round_for<scalar_t> r;
-  const int64_t b = blockIdx.y;
-  const int64_t Mb = gt_count(counts, b, M);
   const int64_t a = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool valid = a < A;
   const int lane = threadIdx.x & 31;
   WarpAnchor<acc_t> w;
   w.load(anchors, a, valid);
-  acc_t bv = acc_t(0);
-  int32_t bi = 0;
-  for (int64_t t0 = 0; t0 < Mb; t0 += kGtTile) {
-    const int n = int(Mb - t0 < kGtTile ? Mb - t0 : kGtTile);
-    __syncthreads();
-    stage_gts(gts, b * M + t0, n, sg, sreg);
-    for (int k = threadIdx.x; k < n; k += blockDim.x) smax[k] = 0;
-    __syncthreads();
-    for (int k = 0; k < n; ++k) {
-      if (warp_skips(w, sg, sreg, k)) continue;  // warp-uniform
-      acc_t v = iou_coords(sg[0][k], sg[1][k], sg[2][k], sg[3][k], sg[4][k], w.x1, w.y1, w.x2,
-                           w.y2, w.area, r);
-      if (!valid) v = acc_t(0);
-      if (better(v, bv)) {
-        bv = v;
-        bi = int32_t(t0 + k);
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const int64_t Mb = gt_count(counts, b, M);
+    acc_t bv = acc_t(0);
+    int32_t bi = 0;
+    for (int64_t t0 = 0; t0 < Mb; t0 += kGtTile) {
+      const int n = int(Mb - t0 < kGtTile ? Mb - t0 : kGtTile);
+      __syncthreads();
+      stage_gts(gts, b * M + t0, n, sg, sreg);
+      for (int k = threadIdx.x; k < n; k += blockDim.x) smax[k] = 0;
+      __syncthreads();
+      for (int k = 0; k < n; ++k) {
+        if (warp_skips(w, sg, sreg, k)) continue;  // warp-uniform
+        acc_t v = iou_coords(sg[0][k], sg[1][k], sg[2][k], sg[3][k], sg[4][k], w.x1, w.y1, w.x2,
+                             w.y2, w.area, r);
+        if (!valid) v = acc_t(0);
+        if (better(v, bv)) {
+          bv = v;
+          bi = int32_t(t0 + k);
+        }
+        bits_t e = iou_bits(v);
+        if (__any_sync(kFull, e != 0)) {
+          e = warp_max(e);
+          if (lane == 0) atomicMax(&smax[k], e);
+        }
       }
-      bits_t e = iou_bits(v);
-      if (__any_sync(kFull, e != 0)) {
-        e = warp_max(e);
-        if (lane == 0) atomicMax(&smax[k], e);
-      }
+      __syncthreads();
+      for (int k = threadIdx.x; k < n; k += blockDim.x)
+        if (smax[k] != 0) atomicMax(&gmax[b * M + t0 + k], smax[k]);
     }
-    __syncthreads();
-    for (int k = threadIdx.x; k < n; k += blockDim.x)
-      if (smax[k] != 0) atomicMax(&gmax[b * M + t0 + k], smax[k]);
-  }
-  if (valid) {
-    best_val[b * A + a] = bv;
-    best_idx[b * A + a] = bi;
-  }
+    if (valid) {
+      best_val[b * A + a] = bv;
+      best_idx[b * A + a] = bi;
+    }
+  }  // images
 }
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) match_pass2_kernel(
     const scalar_t* __restrict__ anchors, int64_t A, const scalar_t* __restrict__ gts,
-    const int64_t* __restrict__ counts, int64_t M,
+    const int64_t* __restrict__ counts, int64_t B, int64_t M,
     const acc_type<scalar_t>* __restrict__ best_val, const int32_t* __restrict__ best_idx,
     const bits_type<acc_type<scalar_t>>* __restrict__ gmax, acc_type<scalar_t> high,
     acc_type<scalar_t> low, bool allow_lq, bool quirk, int64_t* __restrict__ labels) {
@@ -223,52 +227,53 @@ __global__ void __launch_bounds__(kThreads) match_pass2_kernel(
   __shared__ uint8_t sreg[kGtTile];
   __shared__ acc_t sm[kGtTile];
   const round_for<scalar_t> r;
-  const int64_t b = blockIdx.y;
-  const int64_t Mb = gt_count(counts, b, M);
   const int64_t a = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool valid = a < A;
-  const acc_t bv = valid ? best_val[b * A + a] : acc_t(0);
-  const int64_t bi = valid ? int64_t(best_idx[b * A + a]) : 0;
-  if (Mb == 0) {  // block-uniform
-    if (valid) labels[b * A + a] = -1;
-    return;
-  }
-  const int64_t lab = threshold_label(bv, bi, high, low);
-  if (!allow_lq) {
-    if (valid) labels[b * A + a] = lab;
-    return;
-  }
-  if (quirk) {
-    // A gt whose maximum is 0 ties with every anchor: all anchors take their best gt.
-    int zero = 0;
-    for (int64_t k = threadIdx.x; k < Mb; k += blockDim.x) zero |= gmax[b * M + k] == 0;
-    if (__syncthreads_or(zero)) {
-      if (valid) labels[b * A + a] = bi;
-      return;
-    }
-  }
   WarpAnchor<acc_t> w;
   w.load(anchors, a, valid);
-  const bool need = valid && lab < 0;
-  bool hit = false;
-  for (int64_t t0 = 0; t0 < Mb; t0 += kGtTile) {
-    const int n = int(Mb - t0 < kGtTile ? Mb - t0 : kGtTile);
-    __syncthreads();
-    stage_gts(gts, b * M + t0, n, sg, sreg);
-    for (int k = threadIdx.x; k < n; k += blockDim.x) sm[k] = iou_from_bits(gmax[b * M + t0 + k]);
-    __syncthreads();
-    if (!__any_sync(kFull, need && !hit)) continue;
-    for (int k = 0; k < n; ++k) {
-      const acc_t gm = sm[k];
-      if (!(gm > acc_t(0)) || warp_skips(w, sg, sreg, k)) continue;  // NaN ties nothing
-      if (need && !hit && !(bv < gm)) {
-        const acc_t v = iou_coords(sg[0][k], sg[1][k], sg[2][k], sg[3][k], sg[4][k], w.x1, w.y1,
-                                   w.x2, w.y2, w.area, r);
-        hit = v == gm;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {  // block-uniform, as in pass 1
+    const int64_t Mb = gt_count(counts, b, M);
+    const acc_t bv = valid ? best_val[b * A + a] : acc_t(0);
+    const int64_t bi = valid ? int64_t(best_idx[b * A + a]) : 0;
+    if (Mb == 0) {  // block-uniform
+      if (valid) labels[b * A + a] = -1;
+      continue;
+    }
+    const int64_t lab = threshold_label(bv, bi, high, low);
+    if (!allow_lq) {
+      if (valid) labels[b * A + a] = lab;
+      continue;
+    }
+    if (quirk) {
+      // A gt whose maximum is 0 ties with every anchor: all anchors take their best gt.
+      int zero = 0;
+      for (int64_t k = threadIdx.x; k < Mb; k += blockDim.x) zero |= gmax[b * M + k] == 0;
+      if (__syncthreads_or(zero)) {
+        if (valid) labels[b * A + a] = bi;
+        continue;
       }
     }
-  }
-  if (valid) labels[b * A + a] = hit ? bi : lab;
+    const bool need = valid && lab < 0;
+    bool hit = false;
+    for (int64_t t0 = 0; t0 < Mb; t0 += kGtTile) {
+      const int n = int(Mb - t0 < kGtTile ? Mb - t0 : kGtTile);
+      __syncthreads();
+      stage_gts(gts, b * M + t0, n, sg, sreg);
+      for (int k = threadIdx.x; k < n; k += blockDim.x) sm[k] = iou_from_bits(gmax[b * M + t0 + k]);
+      __syncthreads();
+      if (!__any_sync(kFull, need && !hit)) continue;
+      for (int k = 0; k < n; ++k) {
+        const acc_t gm = sm[k];
+        if (!(gm > acc_t(0)) || warp_skips(w, sg, sreg, k)) continue;  // NaN ties nothing
+        if (need && !hit && !(bv < gm)) {
+          const acc_t v = iou_coords(sg[0][k], sg[1][k], sg[2][k], sg[3][k], sg[4][k], w.x1, w.y1,
+                                     w.x2, w.y2, w.area, r);
+          hit = v == gm;
+        }
+      }
+    }
+    if (valid) labels[b * A + a] = hit ? bi : lab;
+  }  // images
 }
 
 at::Tensor match_anchors_cuda(const at::Tensor& anchors, const at::Tensor& gt_boxes,
@@ -281,7 +286,6 @@ at::Tensor match_anchors_cuda(const at::Tensor& anchors, const at::Tensor& gt_bo
   const at::Tensor gt = gt_boxes.to(st).contiguous();
   const at::Tensor cnt = gt_counts.to(at::kLong).contiguous();
   const int64_t A = an.size(0), B = gt.size(0), M = gt.size(1);
-  TORCH_CHECK(B <= 65535, "retina_fast::match_anchors: expected at most 65535 images on CUDA, got ", B);
   TORCH_CHECK(M <= std::numeric_limits<int32_t>::max(),
               "retina_fast::match_anchors: expected M < 2^31 gts per image, got ", M);
   at::Tensor out = at::empty({B, A}, an.options().dtype(at::kLong));
@@ -295,16 +299,16 @@ at::Tensor match_anchors_cuda(const at::Tensor& anchors, const at::Tensor& gt_bo
     at::Tensor best_val = at::empty({B, A}, an.options().dtype(acc_st));
     at::Tensor best_idx = at::empty({B, A}, an.options().dtype(at::kInt));
     at::Tensor gmax = at::zeros({B, std::max<int64_t>(M, 1)}, an.options().dtype(bits_st));
-    const dim3 grid(unsigned((A + kThreads - 1) / kThreads), unsigned(B));
+    const dim3 grid(unsigned((A + kThreads - 1) / kThreads), unsigned(std::min<int64_t>(B, 65535)));
     bits_t* gm = reinterpret_cast<bits_t*>(gmax.data_ptr());
     match_pass1_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         an.const_data_ptr<scalar_t>(), A, gt.const_data_ptr<scalar_t>(),
-        cnt.const_data_ptr<int64_t>(), M, best_val.mutable_data_ptr<acc_t>(),
+        cnt.const_data_ptr<int64_t>(), B, M, best_val.mutable_data_ptr<acc_t>(),
         best_idx.mutable_data_ptr<int32_t>(), gm);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     match_pass2_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         an.const_data_ptr<scalar_t>(), A, gt.const_data_ptr<scalar_t>(),
-        cnt.const_data_ptr<int64_t>(), M, best_val.const_data_ptr<acc_t>(),
+        cnt.const_data_ptr<int64_t>(), B, M, best_val.const_data_ptr<acc_t>(),
         best_idx.const_data_ptr<int32_t>(), gm, acc_t(high), acc_t(low),
         allow_low_quality_matches, zero_iou_quirk, out.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -321,7 +325,8 @@ __global__ void gather_targets_kernel(const int64_t* __restrict__ matches,
                                       const int64_t* __restrict__ gt_labels, int64_t B,
                                       int64_t A, int64_t M, scalar_t wx, scalar_t wy,
                                       scalar_t ww, scalar_t wh, int64_t* __restrict__ labels,
-                                      scalar_t* __restrict__ targets) {
+                                      scalar_t* __restrict__ targets,
+                                      unsigned long long* __restrict__ first_bad) {
   const int64_t total = B * A;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < total; r += stride) {
@@ -330,9 +335,11 @@ __global__ void gather_targets_kernel(const int64_t* __restrict__ matches,
       labels[r] = gt_labels[b * M + m];
       encode_box(gts + 4 * (b * M + m), anchors + 4 * i, wx, wy, ww, wh, targets + 4 * r);
     } else {
-      // Out-of-range matches (never produced by match_anchors) read nothing: background.
+      // Out-of-range matches (never produced by match_anchors) read nothing: background, and
+      // the first such row is reported to the host check.
       labels[r] = m == -2 ? -2 : -1;
       for (int j = 0; j < 4; ++j) targets[4 * r + j] = scalar_t(0);
+      if (first_bad && (m < -2 || m >= M)) atomicMin(first_bad, static_cast<unsigned long long>(r));
     }
   }
 }
@@ -341,7 +348,8 @@ std::tuple<at::Tensor, at::Tensor> gather_targets_cuda(const at::Tensor& matches
                                                        const at::Tensor& anchors,
                                                        const at::Tensor& gt_boxes,
                                                        const at::Tensor& gt_labels,
-                                                       at::ArrayRef<double> weights) {
+                                                       at::ArrayRef<double> weights,
+                                                       bool check_matches) {
   check_gather(matches, anchors, gt_boxes, gt_labels);
   const Weights w = check_weights(weights, "retina_fast::gather_targets");
   const c10::cuda::CUDAGuard guard(anchors.device());
@@ -355,14 +363,22 @@ std::tuple<at::Tensor, at::Tensor> gather_targets_cuda(const at::Tensor& matches
   at::Tensor targets = at::empty({B, A, 4}, an.options());
   if (B * A == 0) return {labels, targets};
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor first_bad;
+  if (check_matches) first_bad = at::full({}, std::numeric_limits<int64_t>::max(), mt.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "gather_targets_cuda", [&] {
     gather_targets_kernel<scalar_t><<<cuda::grid_for(B * A), kThreads, 0, stream>>>(
         mt.const_data_ptr<int64_t>(), an.const_data_ptr<scalar_t>(),
         gt.const_data_ptr<scalar_t>(), gl.const_data_ptr<int64_t>(), B, A, M,
         scalar_t(w.wx), scalar_t(w.wy), scalar_t(w.ww), scalar_t(w.wh),
-        labels.mutable_data_ptr<int64_t>(), targets.mutable_data_ptr<scalar_t>());
+        labels.mutable_data_ptr<int64_t>(), targets.mutable_data_ptr<scalar_t>(),
+        check_matches ? reinterpret_cast<unsigned long long*>(first_bad.mutable_data_ptr<int64_t>())
+                      : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  if (check_matches) {
+    const int64_t r = first_bad.item<int64_t>();  // the sync check_matches=false skips
+    if (r != std::numeric_limits<int64_t>::max()) bad_match(r / A, r % A, mt.view(-1)[r].item<int64_t>(), M);
+  }
   return {labels, targets};
 }
 

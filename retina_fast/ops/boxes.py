@@ -165,7 +165,8 @@ def matched_targets(
     matches = match_anchors(
         anchors, gt_boxes, gt_counts, high, low, allow_low_quality_matches, zero_iou_quirk, check_counts
     )
-    labels, targets = _ops.gather_targets(matches, anchors, gt_boxes, gt_labels, [float(w) for w in weights])
+    # match_anchors never returns an out-of-range match: skip the check (a device sync on CUDA)
+    labels, targets = _ops.gather_targets(matches, anchors, gt_boxes, gt_labels, [float(w) for w in weights], False)
     return MatchedTargets(labels, targets, matches)
 
 
@@ -253,7 +254,7 @@ def _match_fake(anchors, gt_boxes, gt_counts, high, low, allow_low_quality_match
 
 
 @torch.library.register_fake("retina_fast::gather_targets")
-def _gather_fake(matches, anchors, gt_boxes, gt_labels, weights):
+def _gather_fake(matches, anchors, gt_boxes, gt_labels, weights, check_matches=True):
     _same_device("gather_targets", anchors=anchors, matches=matches, gt_boxes=gt_boxes, gt_labels=gt_labels)
     dtype = torch.promote_types(anchors.dtype, gt_boxes.dtype)
     B, A = matches.shape
