@@ -6,7 +6,9 @@ toolkit, else the directory the real nvcc runs from (asked of nvcc itself, becau
 PATH may be a wrapper script: torch's own guess, the parent of the PATH entry, is then wrong),
 else /usr/local/cuda. Headers that torch's CUDA headers include but a bare toolkit lacks
 (cusparse.h, cublas_v2.h, ...) come from the nvidia-* wheels that a CUDA build of torch
-installs (site-packages/nvidia/cu13/include, or nvidia/*/include for CUDA 12 wheels).
+installs (site-packages/nvidia/cu13/include, or nvidia/*/include for CUDA 12 wheels): only
+those, through a folder of links (build/nvidia-missing-include), never the wheels' copies of
+headers the toolkit has (toolkit and wheels may differ by a minor version).
 """
 
 import glob
@@ -17,7 +19,7 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "build_tools"))
-from cuda_env import find_cuda_home, nvidia_wheel_includes  # noqa: E402
+from cuda_env import find_cuda_home, missing_header_shim  # noqa: E402
 
 
 def want_cuda(cuda_home):
@@ -74,10 +76,14 @@ def make_extension():
             "-fmad=false",
             "-Xcompiler=-ffp-contract=off,-fno-trapping-math",
         ]
+        shim = missing_header_shim(cuda_home, os.path.join(ROOT, "build", "nvidia-missing-include"))
         ext = CUDAExtension(
             "retina_fast._C",
             sources + cu_sources,
-            include_dirs=include_dirs + nvidia_wheel_includes(),
+            # the shim holds only names the toolkit lacks, so search order cannot pick a wheel
+            # copy of a toolkit header (and a quoted include inside a linked header resolves
+            # against the shim folder, then the toolkit)
+            include_dirs=include_dirs + ([shim] if shim else []),
             define_macros=define_macros + [("RETINA_FAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=link,

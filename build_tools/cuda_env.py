@@ -1,7 +1,9 @@
 """Where the CUDA toolkit and the nvidia-* wheel headers are, found without the user's help.
 
 Used by setup.py, and runnable: `python build_tools/cuda_env.py` prints the toolkit root (for
-CMake's CUDA_TOOLKIT_ROOT_DIR), or nothing when there is no toolkit.
+CMake's CUDA_TOOLKIT_ROOT_DIR), or nothing when there is no toolkit; `python
+build_tools/cuda_env.py --shim DIR` makes DIR hold links to the wheel headers the toolkit lacks
+(see missing_header_shim) and prints it (for CMake's RETINA_FAST_CUDA_EXTRA_INCLUDE).
 """
 
 import glob
@@ -44,7 +46,8 @@ def find_cuda_home():
     return None
 
 
-def nvidia_wheel_includes():
+def nvidia_wheel_include_dirs():
+    """The include folders of the nvidia-* wheels a CUDA build of torch installs."""
     roots = []
     try:
         roots += site.getsitepackages()
@@ -70,5 +73,48 @@ def nvidia_wheel_includes():
     return dirs
 
 
+def toolkit_include_dirs(cuda_home):
+    """Where the toolkit keeps its headers (include/, and targets/<arch>/include on Linux)."""
+    if not cuda_home:
+        return []
+    dirs = [os.path.join(cuda_home, "include")]
+    dirs += sorted(glob.glob(os.path.join(cuda_home, "targets", "*", "include")))
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def missing_header_shim(cuda_home, shim_dir, wheel_dirs=None):
+    """A folder of symbolic links to the wheel headers (files and folders, top level) that the
+    toolkit at `cuda_home` lacks, for torch's CUDA headers to find (cusparse.h, cublas_v2.h,
+    ...). Only what is missing: a header the toolkit has always comes from the toolkit, so a
+    toolkit and wheels that differ by a minor version never mix their copies of the same file.
+    Returns the folder, or None when nothing is missing. Rebuilt on every call.
+    """
+    if wheel_dirs is None:
+        wheel_dirs = nvidia_wheel_include_dirs()
+    have = set()
+    for d in toolkit_include_dirs(cuda_home):
+        have.update(os.listdir(d))
+    links = {}
+    for d in wheel_dirs:
+        for name in sorted(os.listdir(d)):
+            if name not in have and name not in links:
+                links[name] = os.path.join(d, name)
+    if os.path.isdir(shim_dir):
+        for name in os.listdir(shim_dir):
+            os.remove(os.path.join(shim_dir, name))
+    if not links:
+        return None
+    os.makedirs(shim_dir, exist_ok=True)
+    for name, target in links.items():
+        os.symlink(target, os.path.join(shim_dir, name))
+    return shim_dir
+
+
 if __name__ == "__main__":
-    print(find_cuda_home() or "")
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--shim":
+        # `python build_tools/cuda_env.py --shim DIR`: make the missing-header folder, print it.
+        print(missing_header_shim(find_cuda_home(), sys.argv[2]) or "")
+    else:
+        print(find_cuda_home() or "")
