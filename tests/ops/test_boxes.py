@@ -12,7 +12,7 @@ from torchvision.models.detection.image_list import ImageList
 
 import retina_fast.ops as rf
 from retina_fast.ops import _reference as ref
-from tests.conftest import requires_cuda
+from tests.conftest import CUDA, requires_cuda, requires_gpu
 
 SIZES = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in [32, 64, 128, 256, 512])
 RATIOS = ((0.5, 1.0, 2.0),) * 5
@@ -512,8 +512,8 @@ def test_cuda_box_iou_bitwise(dtype):
     g = torch.Generator().manual_seed(20)
     b1 = torch.cat([random_gts(1, 300, gen=g)[0], degenerate_boxes()]).to(dtype)
     b2 = torch.cat([random_gts(1, 700, gen=g)[0], degenerate_boxes()]).to(dtype)
-    assert_bitwise(rf.box_iou(b1.cuda(), b2.cuda()).cpu(), rf.box_iou(b1, b2))
-    assert_bitwise(rf.box_iou(b1.cuda(), b2.cuda()).cpu(), torchvision.ops.box_iou(b1, b2))
+    assert_bitwise(rf.box_iou(b1.to(CUDA), b2.to(CUDA)).cpu(), rf.box_iou(b1, b2))
+    assert_bitwise(rf.box_iou(b1.to(CUDA), b2.to(CUDA)).cpu(), torchvision.ops.box_iou(b1, b2))
 
 
 @requires_cuda
@@ -530,12 +530,12 @@ def test_cuda_match_equals_cpu(quirk, dtype):
     counts = torch.tensor([300, 0, 17, 260, 1])
     gt = with_garbage(gt, counts)
     cpu = rf.match_anchors(anchors, gt, counts, zero_iou_quirk=quirk)
-    cuda = rf.match_anchors(anchors.cuda(), gt.cuda(), counts.cuda(), zero_iou_quirk=quirk)
+    cuda = rf.match_anchors(anchors.to(CUDA), gt.to(CUDA), counts.to(CUDA), zero_iou_quirk=quirk)
     assert torch.equal(cuda.cpu(), cpu)
     for allow in (False, True):
         for hl in ((0.5, 0.4), (0.6, 0.6)):
             assert torch.equal(
-                rf.match_anchors(anchors.cuda(), gt.cuda(), counts.cuda(), *hl, allow, quirk).cpu(),
+                rf.match_anchors(anchors.to(CUDA), gt.to(CUDA), counts.to(CUDA), *hl, allow, quirk).cpu(),
                 rf.match_anchors(anchors, gt, counts, *hl, allow, quirk))
     if quirk and dtype == torch.float32:
         assert torch.equal(cpu[:3], tv_match(anchors, gt[:3], counts[:3]))
@@ -551,34 +551,31 @@ def test_cuda_large_A_and_targets():
     labels = torch.randint(0, 91, (3, 100), generator=g)
     counts = torch.tensor([100, 50, 0])
     cpu = rf.matched_targets(anchors, gt, labels, counts)
-    cuda = rf.matched_targets(anchors.cuda(), gt.cuda(), labels.cuda(), counts.cuda())
+    cuda = rf.matched_targets(anchors.to(CUDA), gt.to(CUDA), labels.to(CUDA), counts.to(CUDA))
     assert torch.equal(cuda.matches.cpu(), cpu.matches) and torch.equal(cuda.labels.cpu(), cpu.labels)
     torch.testing.assert_close(cuda.regression_targets.cpu(), cpu.regression_targets, rtol=0, atol=1e-6)
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-def test_cuda_coder_and_anchors(dtype):
+def test_cuda_encode_and_anchors(dtype):
+    # decode (values and gradient) is tested against a float64 reference on both devices in
+    # tests/ops/test_cuda_paths.py::test_decode_against_float64_reference
     g = torch.Generator().manual_seed(23)
     gt = random_gts(1, 1000, gen=g)[0].to(dtype)
     an = random_gts(1, 1000, gen=g)[0].to(dtype)
-    codes = torch.randn(2, 1000, 8, generator=g).to(dtype)
-    tol = dict(rtol=1e-3, atol=1e-2) if dtype == torch.float16 else dict(rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(rf.encode_boxes(gt.cuda(), an.cuda()).cpu(), rf.encode_boxes(gt, an), **tol)
-    torch.testing.assert_close(rf.decode_boxes(codes.cuda(), an.cuda()).cpu(), rf.decode_boxes(codes, an), **tol)
-    c = codes.cuda().requires_grad_(True)
-    rf.decode_boxes(c, an.cuda()).sum().backward()
-    c2 = codes.clone().requires_grad_(True)
-    rf.decode_boxes(c2, an).sum().backward()
-    torch.testing.assert_close(c.grad.cpu(), c2.grad, **tol)
+    eps = torch.finfo(dtype).eps
+    exp = rf.encode_boxes(gt, an)
+    torch.testing.assert_close(rf.encode_boxes(gt.to(CUDA), an.to(CUDA)).cpu(), exp, rtol=4 * eps,
+                               atol=4 * eps * exp.abs().max().item())
     cells = [ref.cell_anchors(s, r, dtype) for s, r in zip(SIZES, RATIOS)]
     grids = [(100, 136), (50, 68), (25, 34), (13, 17), (7, 9)]
     strides = [(800 // a, 1088 // b) for a, b in grids]
-    assert_bitwise(rf.grid_anchors([c.cuda() for c in cells], grids, strides).cpu(),
+    assert_bitwise(rf.grid_anchors([c.to(CUDA) for c in cells], grids, strides).cpu(),
                    rf.grid_anchors(cells, grids, strides))
 
 
-@requires_cuda
+@requires_gpu
 def test_cuda_bad_inputs():
     a = torch.rand(10, 4, device="cuda")
     gt = torch.rand(2, 3, 4, device="cuda")
