@@ -3,14 +3,23 @@
 # torch first: _C links against libc10/libtorch, which only torch's import puts in reach.
 import torch  # noqa: E402
 
-try:
-    from retina_fast import _C  # noqa: F401  (import for its registrations)
-except ImportError as e:  # pragma: no cover - only when the build is missing
-    raise ImportError(
-        "retina_fast._C, the compiled extension, could not be imported "
-        f"({e}). Build it with `pip install --no-build-isolation -e .` or "
-        "`python setup.py build_ext --inplace` in the source tree."
-    ) from e
+import os  # noqa: E402
+
+# RETINA_FAST_LIBRARY=/path/libretina_fast.so: use a CMake-built library (same sources, no
+# Python ABI in it) instead of the extension; scripts/gpu_check.sh uses it for a library built
+# ahead of time against the GPU machine's torch, so no device time goes to compiling.
+_LIBRARY = os.environ.get("RETINA_FAST_LIBRARY")
+if _LIBRARY:
+    torch.ops.load_library(_LIBRARY)
+else:
+    try:
+        from retina_fast import _C  # noqa: F401  (import for its registrations)
+    except ImportError as e:  # pragma: no cover - only when the build is missing
+        raise ImportError(
+            "retina_fast._C, the compiled extension, could not be imported "
+            f"({e}). Build it with `pip install --no-build-isolation -e .` or "
+            "`python setup.py build_ext --inplace` in the source tree."
+        ) from e
 
 
 def cuda_built() -> bool:

@@ -1,6 +1,11 @@
-"""A short run of every CUDA kernel on small inputs, for compute-sanitizer (memcheck,
-racecheck): each op once, forward and backward, odd sizes (vector body + scalar tail), empty
-inputs. Exits non-zero on any error. Usage: python scripts/cuda_smoke.py"""
+"""A short run of every CUDA kernel and every path inside it, on small inputs, for
+compute-sanitizer (memcheck with PYTORCH_NO_CUDA_MEMORY_CACHING=1, racecheck): each op forward
+and backward, every dtype, vector body + scalar tail and misaligned storage, empty inputs, the
+NMS warp and block scans and the block scan's global-memory path, float64 post-processing.
+Exits non-zero on any error; prints "cuda_smoke: all ok" last.
+
+Usage: python scripts/cuda_smoke.py   (RF_SMOKE_DEVICE=cpu dry-runs it on the CPU kernels)
+"""
 
 import os
 
@@ -9,70 +14,91 @@ import torch
 import retina_fast
 from retina_fast import ops
 
-# RF_SMOKE_DEVICE=cpu dry-runs the script here, without a GPU.
 dev = os.environ.get("RF_SMOKE_DEVICE", "cuda")
 if dev == "cuda":
     assert torch.cuda.is_available() and retina_fast.cuda_built(), "needs a CUDA device and a CUDA build"
 
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
 
 def focal_loss():
-    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        for n, k in ((1027, 81), (3, 1), (0, 5)):
-            x = torch.randn(n, k, device=dev, dtype=dtype, requires_grad=True)
+    for dtype in DTYPES:
+        # (1027, 81): vector body + a tail of 3; (1024, 80): no tail; offset 1: misaligned
+        for n, k, off in ((1027, 81, 0), (1024, 80, 0), (257, 5, 1), (3, 1, 0), (0, 5, 0)):
+            buf = torch.randn(n * k + off, device=dev, dtype=dtype)
+            x = buf[off:].view(n, k).requires_grad_()
             t = (torch.rand(n, k, device=dev) < 0.1).to(dtype)
             lab = torch.randint(-2, k, (n,), device=dev)
+            w = torch.rand(n, device=dev)
             for red in ("none", "mean", "sum"):
                 out = ops.sigmoid_focal_loss(x, t, reduction=red)
                 out.sum().backward()
-                out = ops.sigmoid_focal_loss_labels(x, lab, reduction=red, label_smoothing=0.1)
+                out = ops.sigmoid_focal_loss_labels(x, lab, reduction=red, label_smoothing=0.1, weights=w)
                 out.sum().backward()
+        x = torch.tensor([[float("inf"), -float("inf"), float("nan"), 0.0]], device=dev, dtype=dtype)
+        ops.sigmoid_focal_loss_labels(x, torch.tensor([1], device=dev), reduction="none")
 
 
-def _boxes(n, scale=200.0, gen=None):
+def _boxes(n, scale=200.0):
     xy = torch.rand(n, 2, device=dev) * scale
     wh = torch.rand(n, 2, device=dev) * scale / 4 + 1
     return torch.cat([xy, xy + wh], 1)
 
 
 def box_ops():
-    for dtype in (torch.float32, torch.float16, torch.float64):
+    for dtype in DTYPES:
         a, b = _boxes(1031).to(dtype), _boxes(37).to(dtype)
         ops.box_iou(a, b)
         ops.box_iou(a[:0], b)
-        cells = [torch.tensor([[-16.0, -16.0, 16.0, 16.0], [-8.0, -24.0, 8.0, 24.0]], device=dev, dtype=dtype)] * 2
-        anchors = ops.grid_anchors(cells, [(13, 17), (7, 9)], [(8, 8), (16, 16)])
+        cells = [torch.tensor([[-16.0, -16.0, 16.0, 16.0], [-8.0, -24.0, 8.0, 24.0]], device=dev, dtype=dtype)] * 3
+        anchors = ops.grid_anchors(cells, [(13, 17), (0, 4), (7, 9)], [(8, 8), (16, 16), (16, 16)])
         gts = _boxes(2 * 300).view(2, 300, 4).to(dtype)
+        gts[0, 5] = float("nan")
+        gts[0, 6] = torch.tensor([0.0, 0.0, float("inf"), 10.0])
         counts = torch.tensor([300, 0], device=dev)
         gt_labels = torch.randint(0, 80, (2, 300), device=dev)
         for quirk in (True, False):
             ops.match_anchors(anchors, gts, counts, zero_iou_quirk=quirk)
             ops.matched_targets(anchors, gts, gt_labels, counts, zero_iou_quirk=quirk)
-        codes = ops.encode_boxes(b, b.flip(0))
-        rel = torch.randn(2, anchors.shape[0], 4, device=dev, dtype=dtype, requires_grad=True)
-        ops.decode_boxes(rel, anchors).sum().backward()
-        del codes
+        m = ops.match_anchors(anchors, gts, counts)
+        torch.ops.retina_fast.gather_targets(m, anchors, gts, gt_labels, [1.0] * 4)  # checked: one sync
+        ops.encode_boxes(b, b.flip(0))
+        ops.encode_boxes(gts, gts[0])  # shared proposals
+        rel = torch.randn(2, anchors.shape[0], 8, device=dev, dtype=dtype, requires_grad=True)
+        (ops.decode_boxes(rel, anchors) * torch.randn_like(rel)).sum().backward()
+        ops.decode_boxes(rel.detach(), anchors.expand(2, -1, -1).contiguous())
 
 
 def nms_ops():
-    for dtype in (torch.float32, torch.float16):
-        bx = _boxes(2053).to(dtype)
-        sc = torch.rand(2053, device=dev).to(dtype)
-        ops.nms(bx, sc, 0.5)
+    for box_dtype, score_dtype in ((torch.float32, torch.float32), (torch.float16, torch.float16),
+                                   (torch.bfloat16, torch.float32), (torch.float64, torch.float64)):
+        bx = _boxes(2053).to(box_dtype)
+        sc = torch.rand(2053, device=dev).to(score_dtype)
+        ops.nms(bx, sc, 0.5)  # one group of 2053 boxes: the block scan
         ops.nms(bx[:0], sc[:0], 0.5)
         ops.nms(bx[:1], sc[:1], 0.5)
         idx = torch.randint(0, 80, (2053,), device=dev)
-        ops.batched_nms(bx, sc, idx, 0.5)
+        ops.batched_nms(bx, sc, idx, 0.5)  # many small groups: the warp scan
         img = torch.randint(0, 3, (2053,), device=dev)
         ops.batched_nms_multi(bx, sc, idx, img, 3, 0.5)
         ops.batched_nms_multi(bx, sc, idx, img, 3, 0.5, max_per_image=100)
-    # post-processing: 3 images, 3 levels, 91 classes
-    levels = [(16, 16), (8, 8), (4, 4)]
+    # the block scan's global-memory path (taken past 262,144 boxes), forced on 3,000
+    old = torch.ops.retina_fast._nms_scan_shared_limit(0)
+    try:
+        ops.nms(_boxes(3000), torch.rand(3000, device=dev), 0.5)
+    finally:
+        torch.ops.retina_fast._nms_scan_shared_limit(old)
+    # post-processing: 3 images, 3 levels (one empty), 91 classes
+    levels = [(16, 16), (0, 8), (4, 4)]
     A = sum(h * w * 9 for h, w in levels)
     anchors = _boxes(A, 128.0)
-    for dtype in (torch.float32, torch.float16):
+    for dtype in DTYPES:
         logits = (torch.randn(3, A, 91, device=dev) * 1.5 - 4).to(dtype)
         reg = (torch.randn(3, A, 4, device=dev) * 0.2).to(dtype)
-        ops.postprocess_detections(logits, reg, anchors.to(dtype), [(128, 128)] * 3, [h * w * 9 for h, w in levels])
+        nl = [h * w * 9 for h, w in levels]
+        ops.postprocess_detections(logits, reg, anchors.to(dtype), [(128, 128)] * 3, nl)
+        ops.postprocess_detections(logits, reg, anchors.to(dtype).expand(3, -1, -1), [(128, 128)] * 3, nl,
+                                   score_thresh=-1.0, topk_candidates=2100)  # groups > 2048: block scan
 
 
 CHECKS = [focal_loss, box_ops, nms_ops]
@@ -82,5 +108,5 @@ if __name__ == "__main__":
         f()
         if dev == "cuda":
             torch.cuda.synchronize()
-        print("ok", f.__name__)
+        print("ok", f.__name__, flush=True)
     print("cuda_smoke: all ok")

@@ -44,3 +44,35 @@ def test_cmake_library_loads_and_runs():
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     res = subprocess.run([sys.executable, "-c", SCRIPT, LIB], capture_output=True, text=True, cwd="/", env=env)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr
+
+
+def test_cmake_library_registers_every_kernel():
+    """Every op has a CPU kernel and, when the library was built with RETINA_FAST_WITH_CUDA=ON,
+    a CUDA kernel (checked without a GPU: registration happens at load). `.ci/run` builds it
+    with CUDA and sets RETINA_FAST_REQUIRE_CMAKE_CUDA=1, so there a CPU-only library fails."""
+    if not os.path.exists(LIB):
+        if os.environ.get("RETINA_FAST_REQUIRE_CMAKE_LIB") == "1":
+            pytest.fail(f"CMake library not found at {LIB}")
+        pytest.skip(f"CMake library not built ({LIB}); see CMakeLists.txt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [sys.executable, os.path.join(ROOT, "build_tools", "check_kernels.py"), "--lib", LIB]
+    if os.environ.get("RETINA_FAST_REQUIRE_CMAKE_CUDA") == "1":
+        cmd.append("--require-cuda")
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd="/", env=env)
+    assert res.returncode == 0 and ": OK" in res.stdout, res.stdout + res.stderr
+
+
+def test_extension_registers_every_kernel():
+    """The same check for the Python extension this test run imports."""
+    import retina_fast
+
+    sys.path.insert(0, os.path.join(ROOT, "build_tools"))
+    try:
+        import check_kernels
+    finally:
+        sys.path.pop(0)
+    cov = check_kernels.coverage()
+    assert len(cov) >= 15, sorted(cov)
+    assert all(k["CPU"] for k in cov.values()), cov
+    if retina_fast.cuda_built():
+        assert all(k["CUDA"] for k in cov.values()), cov

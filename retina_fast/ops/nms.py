@@ -89,8 +89,8 @@ def batched_nms_multi(
     Args:
         boxes (Tensor[N, 4]), scores (Tensor[N]): every box of every image.
         idxs (Tensor[N]): integer category of each box.
-        image_ids (Tensor[N]): integer image of each box, in ``[0, num_images)`` (CPU raises
-            on others; CUDA drops them, checking would need a device sync).
+        image_ids (Tensor[N]): integer image of each box, in ``[0, num_images)``; any other
+            value is an error on both devices.
         num_images (int): B.
         iou_threshold (float): as in :func:`nms`.
         max_per_image (int): keep at most this many per image (the best ones); ``< 0``: all.
@@ -98,8 +98,12 @@ def batched_nms_multi(
     Returns:
         ``(keep, counts)``: keep (Tensor[B, W], int64) holds each image's kept indices (into
         the N boxes) in descending score order, padded with -1; counts (Tensor[B], int64) how
-        many. W = max_per_image when >= 0 (static shape, no device sync on CUDA), else the
-        largest count (data-dependent: one device sync on CUDA).
+        many. W = max_per_image when >= 0 (a static shape), else the largest count
+        (data-dependent).
+
+    On CUDA each (image, category) segment gets its own suppression mask, so memory grows with
+    the sum of the squared segment sizes, not with N^2; sizing those masks (and checking the
+    image ids) takes one device sync, and ``max_per_image < 0`` a second for the width.
     """
     return _ops.batched_nms_multi(boxes, scores, idxs, image_ids, int(num_images), float(iou_threshold), int(max_per_image))
 
@@ -173,8 +177,9 @@ def postprocess_detections(
         index (top-k) and by level order (NMS), where torchvision's order is unspecified.
         Boxes are decoded by ``decode_box`` (csrc/common/box_math.h), whose C-library exp can
         differ from torch's vectorised exp by an ulp, so boxes match torchvision's to ~1e-6
-        relative rather than bitwise. CUDA, float64 logits only: the per-level top-k ranks by
-        the score rounded to float32 (ties then by index), the NMS order uses full float64.
+        relative rather than bitwise. Every ranking (top-k and NMS) uses the scores in the
+        logits' own dtype, float64 included. A ``score_thresh`` below 0 lets every non-NaN
+        logit through, ``-inf`` ones (score 0) too, as torchvision does.
 
     The padded outputs are computed without any host synchronisation; splitting them into a
     list reads ``counts`` on the host (on CUDA, the one sync; under torch.compile a graph
