@@ -32,6 +32,12 @@ TORCH_LIBRARY(retina_fast, m) {
   m.def(
       "sigmoid_focal_loss_backward(Tensor grad, Tensor inputs, Tensor targets, float alpha, "
       "float gamma, int reduction) -> Tensor");
+  // Both gradients, for soft targets that need one: (d/d inputs, d/d targets).
+  m.def(
+      "sigmoid_focal_loss_backward_with_targets(Tensor grad, Tensor inputs, Tensor targets, "
+      "float alpha, float gamma, int reduction) -> (Tensor, Tensor)");
+  // Label smoothing s (labels form): the cross-entropy sees 1 - s/2 and s/2, the alpha weight
+  // and the modulating factor the unsmoothed 1 and 0 (apex's and EfficientDet's convention).
   // labels[N] int64: [0, K) foreground class, -1 background, -2 ignored.
   // weights[N] (optional): row i's loss is multiplied by weights[i] (per-image normalisers).
   m.def(

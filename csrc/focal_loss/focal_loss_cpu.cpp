@@ -30,63 +30,80 @@ constexpr int64_t kChunk = 1024;   // elements widened / computed at once (stack
 constexpr int64_t kBlock = 16384;  // elements per reduction block and per parallel task
 
 // ---------------------------------------------------------------- float32 span kernels
-// `t` is either a target array or nullptr with a constant target `tc` (labels: every
-// column of a row but one shares it).
+// Targets are either an array `t` (dense: tce = t) or, with t == nullptr, the constants
+// (tc, tcec): the modulating/alpha target and the cross-entropy target of every element of the
+// span (labels: every column of a row but one shares them; they differ under label smoothing).
 
 template <Gamma G>
-HOST_DEVICE_INLINE void loss_span(const float* x, const float* t, float tc, float* out, int64_t n,
-                      Params<float> p) {
+HOST_DEVICE_INLINE void loss_span(const float* x, const float* t, float tc, float tcec, float* out,
+                                  int64_t n, Params<float> p) {
   if (t) {
     for (int64_t i = 0; i < n; ++i) out[i] = loss<float, FastMath, G>(x[i], t[i], p);
-  } else if (tc == 0.0f) {
+  } else if (tc == 0.0f && tcec == 0.0f) {
     for (int64_t i = 0; i < n; ++i) out[i] = loss_t0<float, FastMath, G>(x[i], p);
   } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = loss<float, FastMath, G>(x[i], tc, p);
+    for (int64_t i = 0; i < n; ++i) out[i] = loss<float, FastMath, G>(x[i], tc, tcec, p);
   }
 }
 
 template <Gamma G>
-HOST_DEVICE_INLINE void grad_span(const float* x, const float* t, float tc, const float* g, float gs,
-                      float* out, int64_t n, Params<float> p) {
+HOST_DEVICE_INLINE void grad_span(const float* x, const float* t, float tc, float tcec, const float* g,
+                                  float gs, float* out, int64_t n, Params<float> p) {
   // out = gs * (g ? g[i] : 1) * dloss/dx
   if (t && g) {
     for (int64_t i = 0; i < n; ++i) out[i] = gs * g[i] * dloss<float, FastMath, G>(x[i], t[i], p);
   } else if (t) {
     for (int64_t i = 0; i < n; ++i) out[i] = gs * dloss<float, FastMath, G>(x[i], t[i], p);
-  } else if (tc == 0.0f && g) {
+  } else if (tc == 0.0f && tcec == 0.0f && g) {
     for (int64_t i = 0; i < n; ++i) out[i] = gs * g[i] * dloss_t0<float, FastMath, G>(x[i], p);
-  } else if (tc == 0.0f) {
+  } else if (tc == 0.0f && tcec == 0.0f) {
     for (int64_t i = 0; i < n; ++i) out[i] = gs * dloss_t0<float, FastMath, G>(x[i], p);
   } else if (g) {
-    for (int64_t i = 0; i < n; ++i) out[i] = gs * g[i] * dloss<float, FastMath, G>(x[i], tc, p);
+    for (int64_t i = 0; i < n; ++i) out[i] = gs * g[i] * dloss<float, FastMath, G>(x[i], tc, tcec, p);
   } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = gs * dloss<float, FastMath, G>(x[i], tc, p);
+    for (int64_t i = 0; i < n; ++i) out[i] = gs * dloss<float, FastMath, G>(x[i], tc, tcec, p);
   }
 }
 
-RF_TARGET_CLONES void loss_span_f32(const float* x, const float* t, float tc, float* out,
+// Both gradients of the dense form: d/dx into ox, d/dt into ot (each times gs * g[i]).
+template <Gamma G>
+HOST_DEVICE_INLINE void grad2_span(const float* x, const float* t, const float* g, float gs, float* ox,
+                                   float* ot, int64_t n, Params<float> p) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float s = g ? gs * g[i] : gs;
+    ox[i] = s * dloss<float, FastMath, G>(x[i], t[i], p);
+    ot[i] = s * dloss_dt<float, FastMath, G>(x[i], t[i], p);
+  }
+}
+
+// Runs __VA_ARGS__ as span<G>(...) with G the call's Gamma kind. An explicit switch, not a
+// lambda: the span loops must inline into each clone before vectorisation, so each clone
+// (AVX-512, AVX2, baseline) gets its own vector width.
+#define RF_SPAN_SWITCH(kind, span, ...)                                  \
+  switch (kind) {                                                         \
+    case Gamma::Two: span<Gamma::Two>(__VA_ARGS__); break;                \
+    case Gamma::Zero: span<Gamma::Zero>(__VA_ARGS__); break;              \
+    case Gamma::One: span<Gamma::One>(__VA_ARGS__); break;                \
+    default: span<Gamma::General>(__VA_ARGS__); break;                    \
+  }
+
+RF_TARGET_CLONES void loss_span_f32(const float* x, const float* t, float tc, float tcec, float* out,
                                     int64_t n, float alpha, float gamma, Gamma kind) {
-  // An explicit switch, not a lambda: the span loops must inline into each clone before
-  // vectorisation, so each clone (AVX-512, AVX2, baseline) gets its own vector width.
   const Params<float> p{alpha, gamma};
-  switch (kind) {
-    case Gamma::Two: loss_span<Gamma::Two>(x, t, tc, out, n, p); break;
-    case Gamma::Zero: loss_span<Gamma::Zero>(x, t, tc, out, n, p); break;
-    case Gamma::One: loss_span<Gamma::One>(x, t, tc, out, n, p); break;
-    default: loss_span<Gamma::General>(x, t, tc, out, n, p); break;
-  }
+  RF_SPAN_SWITCH(kind, loss_span, x, t, tc, tcec, out, n, p)
 }
 
-RF_TARGET_CLONES void grad_span_f32(const float* x, const float* t, float tc, const float* g,
+RF_TARGET_CLONES void grad_span_f32(const float* x, const float* t, float tc, float tcec, const float* g,
                                     float gs, float* out, int64_t n, float alpha, float gamma,
                                     Gamma kind) {
   const Params<float> p{alpha, gamma};
-  switch (kind) {
-    case Gamma::Two: grad_span<Gamma::Two>(x, t, tc, g, gs, out, n, p); break;
-    case Gamma::Zero: grad_span<Gamma::Zero>(x, t, tc, g, gs, out, n, p); break;
-    case Gamma::One: grad_span<Gamma::One>(x, t, tc, g, gs, out, n, p); break;
-    default: grad_span<Gamma::General>(x, t, tc, g, gs, out, n, p); break;
-  }
+  RF_SPAN_SWITCH(kind, grad_span, x, t, tc, tcec, g, gs, out, n, p)
+}
+
+RF_TARGET_CLONES void grad2_span_f32(const float* x, const float* t, const float* g, float gs, float* ox,
+                                     float* ot, int64_t n, float alpha, float gamma, Gamma kind) {
+  const Params<float> p{alpha, gamma};
+  RF_SPAN_SWITCH(kind, grad2_span, x, t, g, gs, ox, ot, n, p)
 }
 
 // Sum of n floats in 16 independent lanes (vectorisable without reassociation), then double.
@@ -111,50 +128,75 @@ template <typename scalar_t>
 struct Chunk {
   using acc_t = acc_type<scalar_t>;
 
-  // losses of x[0:n] (targets t or the constant tc) into out[0:n], n <= kChunk
-  static void loss(const scalar_t* x, const scalar_t* t, acc_t tc, acc_t* out, int64_t n,
+  // losses of x[0:n] (targets t, or the constants tc / tcec, see loss_span) into out[0:n],
+  // n <= kChunk
+  static void loss(const scalar_t* x, const scalar_t* t, acc_t tc, acc_t tcec, acc_t* out, int64_t n,
                    double alpha, double gamma, Gamma kind) {
     if constexpr (std::is_same<scalar_t, double>::value) {
       const Params<double> p{alpha, gamma};
       RETINA_FAST_DISPATCH_GAMMA(kind, G, [&] {
         for (int64_t i = 0; i < n; ++i)
-          out[i] = focal::loss<double, StdMath, G>(x[i], t ? t[i] : tc, p);
+          out[i] = t ? focal::loss<double, StdMath, G>(x[i], t[i], p)
+                     : focal::loss<double, StdMath, G>(x[i], tc, tcec, p);
       });
     } else if constexpr (std::is_same<scalar_t, float>::value) {
-      loss_span_f32(x, t, tc, out, n, float(alpha), float(gamma), kind);
+      loss_span_f32(x, t, tc, tcec, out, n, float(alpha), float(gamma), kind);
     } else {
       float xb[kChunk], tb[kChunk];
-      for (int64_t i = 0; i < n; ++i) xb[i] = float(x[i]);
-      if (t) {
-        for (int64_t i = 0; i < n; ++i) tb[i] = float(t[i]);
-      }
-      loss_span_f32(xb, t ? tb : nullptr, tc, out, n, float(alpha), float(gamma), kind);
+      widen(x, xb, n);
+      if (t) widen(t, tb, n);
+      loss_span_f32(xb, t ? tb : nullptr, tc, tcec, out, n, float(alpha), float(gamma), kind);
     }
   }
 
   // gs * (g ? g[i] : 1) * dloss/dx into out[0:n]
-  static void grad(const scalar_t* x, const scalar_t* t, acc_t tc, const scalar_t* g, acc_t gs,
-                   acc_t* out, int64_t n, double alpha, double gamma, Gamma kind) {
+  static void grad(const scalar_t* x, const scalar_t* t, acc_t tc, acc_t tcec, const scalar_t* g,
+                   acc_t gs, acc_t* out, int64_t n, double alpha, double gamma, Gamma kind) {
     if constexpr (std::is_same<scalar_t, double>::value) {
       const Params<double> p{alpha, gamma};
       RETINA_FAST_DISPATCH_GAMMA(kind, G, [&] {
         for (int64_t i = 0; i < n; ++i)
-          out[i] = gs * (g ? g[i] : 1.0) * focal::dloss<double, StdMath, G>(x[i], t ? t[i] : tc, p);
+          out[i] = gs * (g ? g[i] : 1.0) *
+                   (t ? focal::dloss<double, StdMath, G>(x[i], t[i], p)
+                      : focal::dloss<double, StdMath, G>(x[i], tc, tcec, p));
       });
     } else if constexpr (std::is_same<scalar_t, float>::value) {
-      grad_span_f32(x, t, tc, g, gs, out, n, float(alpha), float(gamma), kind);
+      grad_span_f32(x, t, tc, tcec, g, gs, out, n, float(alpha), float(gamma), kind);
     } else {
       float xb[kChunk], tb[kChunk], gb[kChunk];
-      for (int64_t i = 0; i < n; ++i) xb[i] = float(x[i]);
-      if (t) {
-        for (int64_t i = 0; i < n; ++i) tb[i] = float(t[i]);
-      }
-      if (g) {
-        for (int64_t i = 0; i < n; ++i) gb[i] = float(g[i]);
-      }
-      grad_span_f32(xb, t ? tb : nullptr, tc, g ? gb : nullptr, gs, out, n, float(alpha),
+      widen(x, xb, n);
+      if (t) widen(t, tb, n);
+      if (g) widen(g, gb, n);
+      grad_span_f32(xb, t ? tb : nullptr, tc, tcec, g ? gb : nullptr, gs, out, n, float(alpha),
                     float(gamma), kind);
     }
+  }
+
+  // dense form, both gradients: gs * (g ? g[i] : 1) * dloss/dx into ox, * dloss/dt into ot
+  static void grad2(const scalar_t* x, const scalar_t* t, const scalar_t* g, acc_t gs, acc_t* ox,
+                    acc_t* ot, int64_t n, double alpha, double gamma, Gamma kind) {
+    if constexpr (std::is_same<scalar_t, double>::value) {
+      const Params<double> p{alpha, gamma};
+      RETINA_FAST_DISPATCH_GAMMA(kind, G, [&] {
+        for (int64_t i = 0; i < n; ++i) {
+          const double s = gs * (g ? g[i] : 1.0);
+          ox[i] = s * focal::dloss<double, StdMath, G>(x[i], t[i], p);
+          ot[i] = s * focal::dloss_dt<double, StdMath, G>(x[i], t[i], p);
+        }
+      });
+    } else if constexpr (std::is_same<scalar_t, float>::value) {
+      grad2_span_f32(x, t, g, gs, ox, ot, n, float(alpha), float(gamma), kind);
+    } else {
+      float xb[kChunk], tb[kChunk], gb[kChunk];
+      widen(x, xb, n);
+      widen(t, tb, n);
+      if (g) widen(g, gb, n);
+      grad2_span_f32(xb, tb, g ? gb : nullptr, gs, ox, ot, n, float(alpha), float(gamma), kind);
+    }
+  }
+
+  static void widen(const scalar_t* v, float* out, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) out[i] = float(v[i]);
   }
 
   static double sum(const acc_t* v, int64_t n) {
@@ -205,7 +247,7 @@ at::Tensor dense_forward_cpu(const at::Tensor& inputs, const at::Tensor& targets
         double acc = 0.0;
         for (int64_t i = b * kBlock; i < end; i += kChunk) {
           const int64_t len = std::min(kChunk, end - i);
-          C::loss(xp + i, tp + i, acc_t(0), buf, len, alpha, gamma, kind);
+          C::loss(xp + i, tp + i, acc_t(0), acc_t(0), buf, len, alpha, gamma, kind);
           if (op_) C::store(buf, op_ + i, len);
           else acc += C::sum(buf, len);
         }
@@ -250,8 +292,8 @@ at::Tensor dense_backward_cpu(const at::Tensor& grad, const at::Tensor& inputs,
       acc_t buf[kChunk];
       for (int64_t i = b0 * kBlock, end = std::min(n, b1 * kBlock); i < end; i += kChunk) {
         const int64_t len = std::min(kChunk, end - i);
-        C::grad(xp + i, tp + i, acc_t(0), gp ? gp + i : nullptr, acc_t(gscale), buf, len, alpha,
-                gamma, kind);
+        C::grad(xp + i, tp + i, acc_t(0), acc_t(0), gp ? gp + i : nullptr, acc_t(gscale), buf, len,
+                alpha, gamma, kind);
         C::store(buf, out + i, len);
       }
     });
@@ -259,10 +301,53 @@ at::Tensor dense_backward_cpu(const at::Tensor& grad, const at::Tensor& inputs,
   return gin;
 }
 
+// Both gradients of the dense form: (d/d inputs, d/d targets), targets' in the targets' dtype.
+std::tuple<at::Tensor, at::Tensor> dense_backward_with_targets_cpu(
+    const at::Tensor& grad, const at::Tensor& inputs, const at::Tensor& targets, double alpha,
+    double gamma, int64_t reduction) {
+  const char* op = "retina_fast::sigmoid_focal_loss_backward_with_targets";
+  check_dense(inputs, targets, gamma, reduction, op);
+  check_grad(grad, inputs, reduction, op);
+  const at::Tensor x = inputs.contiguous();
+  const at::Tensor t = targets.to(inputs.scalar_type()).contiguous();
+  const int64_t n = x.numel();
+  const Gamma kind = gamma_kind(gamma);
+  at::Tensor gin = at::empty_like(x), gt = at::empty_like(x);
+  if (n == 0) return {gin, gt.to(targets.scalar_type())};
+  at::Tensor g = reduction == kNone ? grad.to(x.scalar_type()).contiguous() : at::Tensor();
+  double gscale = 1.0;
+  if (reduction != kNone) {
+    gscale = grad.item<double>();
+    if (reduction == kMean) gscale /= double(n);
+  }
+  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "focal_bwd2_cpu", [&] {
+    using C = Chunk<scalar_t>;
+    using acc_t = typename C::acc_t;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* tp = t.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.defined() ? g.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* ox = gin.mutable_data_ptr<scalar_t>();
+    scalar_t* ot = gt.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      acc_t bx[kChunk], bt[kChunk];
+      for (int64_t i = b0 * kBlock, end = std::min(n, b1 * kBlock); i < end; i += kChunk) {
+        const int64_t len = std::min(kChunk, end - i);
+        C::grad2(xp + i, tp + i, gp ? gp + i : nullptr, acc_t(gscale), bx, bt, len, alpha, gamma, kind);
+        C::store(bx, ox + i, len);
+        C::store(bt, ot + i, len);
+      }
+    });
+  });
+  return {gin, gt.to(targets.scalar_type())};
+}
+
 // ---------------------------------------------------------------- labels
 
 struct LabelTargets {
-  double pos, neg;  // target of the labelled class and of every other class
+  // cross-entropy target of the labelled class and of every other class (the modulating
+  // factor and alpha see the unsmoothed 1 and 0: see focal_loss_math.h)
+  double pos, neg;
 };
 
 inline LabelTargets label_targets(double label_smoothing) {
@@ -330,9 +415,9 @@ at::Tensor labels_forward_cpu(const at::Tensor& logits, const at::Tensor& labels
           ++nvalid;
           for (int64_t c = 0; c < K; c += kChunk) {
             const int64_t len = std::min(kChunk, K - c);
-            C::loss(xr + c, nullptr, acc_t(tg.neg), buf, len, alpha, gamma, kind);
+            C::loss(xr + c, nullptr, acc_t(0), acc_t(tg.neg), buf, len, alpha, gamma, kind);
             if (l >= c && l < c + len) {
-              C::loss(xr + l, nullptr, acc_t(tg.pos), buf + (l - c), 1, alpha, gamma, kind);
+              C::loss(xr + l, nullptr, acc_t(1), acc_t(tg.pos), buf + (l - c), 1, alpha, gamma, kind);
             }
             if (op_) {
               if (wp) {
@@ -411,10 +496,10 @@ at::Tensor labels_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
         const acc_t gs = acc_t(wp ? gscale * wp[r] : gscale);
         for (int64_t c = 0; c < K; c += kChunk) {
           const int64_t len = std::min(kChunk, K - c);
-          C::grad(xr + c, nullptr, acc_t(tg.neg), gr ? gr + c : nullptr, gs, buf, len, alpha, gamma,
-                  kind);
+          C::grad(xr + c, nullptr, acc_t(0), acc_t(tg.neg), gr ? gr + c : nullptr, gs, buf, len, alpha,
+                  gamma, kind);
           if (l >= c && l < c + len) {
-            C::grad(xr + l, nullptr, acc_t(tg.pos), gr ? gr + l : nullptr, gs, buf + (l - c), 1,
+            C::grad(xr + l, nullptr, acc_t(1), acc_t(tg.pos), gr ? gr + l : nullptr, gs, buf + (l - c), 1,
                     alpha, gamma, kind);
           }
           C::store(buf, orow + c, len);
@@ -430,6 +515,7 @@ at::Tensor labels_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
 TORCH_LIBRARY_IMPL(retina_fast, CPU, m) {
   m.impl("sigmoid_focal_loss", &dense_forward_cpu);
   m.impl("sigmoid_focal_loss_backward", &dense_backward_cpu);
+  m.impl("sigmoid_focal_loss_backward_with_targets", &dense_backward_with_targets_cpu);
   m.impl("sigmoid_focal_loss_labels", &labels_forward_cpu);
   m.impl("sigmoid_focal_loss_labels_backward", &labels_backward_cpu);
 }

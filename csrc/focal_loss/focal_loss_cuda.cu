@@ -39,14 +39,17 @@ using acc_type = std::conditional_t<std::is_same<scalar_t, double>::value, doubl
 constexpr int kVec = 4;
 
 // Target of element i of a grid-stride loop (start(i0, stride), then advance() per step):
-// get(i, t, w) sets the target and the row weight, and returns false for an ignored element.
+// get(i, t, tce, w) sets the target (alpha weight and modulating factor), the cross-entropy's
+// target (they differ under label smoothing, see focal_loss_math.h) and the row weight, and
+// returns false for an ignored element.
 template <typename scalar_t, typename acc_t>
 struct DenseTarget {
   const scalar_t* t;
   __device__ __forceinline__ void start(int64_t, int64_t) {}
   __device__ __forceinline__ void advance() {}
-  __device__ __forceinline__ bool get(int64_t i, acc_t& out, acc_t& w) const {
+  __device__ __forceinline__ bool get(int64_t i, acc_t& out, acc_t& tce, acc_t& w) const {
     out = acc_t(t[i]);
+    tce = out;
     w = acc_t(1);
     return true;
   }
@@ -76,9 +79,10 @@ struct LabelTarget {
       ++r;
     }
   }
-  __device__ __forceinline__ bool get(int64_t, acc_t& out, acc_t& w) const {
+  __device__ __forceinline__ bool get(int64_t, acc_t& out, acc_t& tce, acc_t& w) const {
     const int64_t l = labels[r];
-    out = l == c ? pos : neg;
+    out = l == c ? acc_t(1) : acc_t(0);
+    tce = l == c ? pos : neg;
     w = weights ? weights[r] : acc_t(1);
     return l != kIgnore;
   }
@@ -97,9 +101,9 @@ __global__ void forward_kernel(const scalar_t* __restrict__ x, Target tgt, int64
   const int64_t i0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   tgt.start(i0, stride);
   for (int64_t i = i0; i < n; i += stride, tgt.advance()) {
-    acc_t t, w;
-    const bool use = tgt.get(i, t, w);
-    const acc_t v = use ? w * loss<acc_t, CudaMath, G>(acc_t(x[i]), t, p) : acc_t(0);
+    acc_t t, tce, w;
+    const bool use = tgt.get(i, t, tce, w);
+    const acc_t v = use ? w * loss<acc_t, CudaMath, G>(acc_t(x[i]), t, tce, p) : acc_t(0);
     if (out) out[i] = scalar_t(v);
     else acc += v;
   }
@@ -195,10 +199,10 @@ __global__ void backward_kernel(const scalar_t* __restrict__ x, Target tgt, int6
   const int64_t i0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   tgt.start(i0, stride);
   for (int64_t i = i0; i < n; i += stride, tgt.advance()) {
-    acc_t t, w;
+    acc_t t, tce, w;
     acc_t v = 0;
-    if (tgt.get(i, t, w)) {
-      v = s * w * dloss<acc_t, CudaMath, G>(acc_t(x[i]), t, p);
+    if (tgt.get(i, t, tce, w)) {
+      v = s * w * dloss<acc_t, CudaMath, G>(acc_t(x[i]), t, tce, p);
       if (g) v *= acc_t(g[i]);
     }
     gin[i] = scalar_t(v);
@@ -239,6 +243,25 @@ __global__ void backward_dense_vec_kernel(const scalar_t* __restrict__ x,
       ov.v[j] = scalar_t(v);
     }
     reinterpret_cast<P*>(gin)[i] = ov;
+  }
+}
+
+// Both gradients of the dense form (soft targets that need a gradient): d/dx and d/dt, each
+// times (g ? g[i] : 1) * (*gscale) / div. One pass over the inputs, as backward_kernel.
+template <typename scalar_t, Gamma G>
+__global__ void backward_both_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ t,
+                                     int64_t n, Params<acc_type<scalar_t>> p, const scalar_t* __restrict__ g,
+                                     const acc_type<scalar_t>* __restrict__ gscale, double div,
+                                     scalar_t* __restrict__ gx, scalar_t* __restrict__ gt) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t s = 1;
+  if (gscale) s = acc_t(double(*gscale) / div);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const acc_t xi = acc_t(x[i]), ti = acc_t(t[i]);
+    const acc_t si = g ? s * acc_t(g[i]) : s;
+    gx[i] = scalar_t(si * dloss<acc_t, CudaMath, G>(xi, ti, p));
+    gt[i] = scalar_t(si * dloss_dt<acc_t, CudaMath, G>(xi, ti, p));
   }
 }
 
@@ -400,6 +423,38 @@ at::Tensor dense_backward_cuda(const at::Tensor& grad, const at::Tensor& inputs,
   return gin;
 }
 
+std::tuple<at::Tensor, at::Tensor> dense_backward_with_targets_cuda(
+    const at::Tensor& grad, const at::Tensor& inputs, const at::Tensor& targets, double alpha,
+    double gamma, int64_t reduction) {
+  const char* op = "retina_fast::sigmoid_focal_loss_backward_with_targets";
+  check_dense(inputs, targets, gamma, reduction, op);
+  check_grad(grad, inputs, reduction, op);
+  check_device(inputs, at::kCUDA, op, "inputs");
+  const c10::cuda::CUDAGuard guard(inputs.device());
+  const at::Tensor x = inputs.contiguous();
+  const at::Tensor t = targets.to(inputs.scalar_type()).contiguous();
+  const int64_t n = x.numel();
+  at::Tensor gx = at::empty_like(x), gt = at::empty_like(x);
+  if (n == 0) return {gx, gt.to(targets.scalar_type())};
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "focal_bwd2_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const Params<acc_t> p{acc_t(alpha), acc_t(gamma)};
+    at::Tensor g, gs;
+    if (reduction == kNone) g = grad.to(x.scalar_type()).contiguous();
+    else gs = grad.reshape({}).to(c10::CppTypeToScalarType<acc_t>::value);
+    const double div = reduction == kMean ? double(n) : 1.0;
+    RETINA_FAST_DISPATCH_GAMMA(gamma_kind(gamma), G, [&] {
+      backward_both_kernel<scalar_t, G><<<cuda::grid_for(n), kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), n, p,
+          g.defined() ? g.const_data_ptr<scalar_t>() : nullptr, gs.defined() ? gs.const_data_ptr<acc_t>() : nullptr,
+          div, gx.mutable_data_ptr<scalar_t>(), gt.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {gx, gt.to(targets.scalar_type())};
+}
+
 // Row weights in the math dtype (float32, float64 for float64 logits), or undefined.
 at::Tensor row_weights(const c10::optional<at::Tensor>& weights, const at::Tensor& x) {
   if (!weights.has_value()) return at::Tensor();
@@ -464,6 +519,7 @@ at::Tensor labels_backward_cuda(const at::Tensor& grad, const at::Tensor& logits
 TORCH_LIBRARY_IMPL(retina_fast, CUDA, m) {
   m.impl("sigmoid_focal_loss", &dense_forward_cuda);
   m.impl("sigmoid_focal_loss_backward", &dense_backward_cuda);
+  m.impl("sigmoid_focal_loss_backward_with_targets", &dense_backward_with_targets_cuda);
   m.impl("sigmoid_focal_loss_labels", &labels_forward_cuda);
   m.impl("sigmoid_focal_loss_labels_backward", &labels_backward_cuda);
 }

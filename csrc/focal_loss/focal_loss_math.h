@@ -4,11 +4,12 @@
 // (= log1p(e)) so that each side can use
 // its fastest accurate functions (vectorisable polynomials on the CPU, libdevice on CUDA).
 //
-// With p = sigmoid(x), q = 1 - p, t the target in [0, 1]:
-//   ce   = max(x, 0) - x t + log1p(exp(-|x|))          binary cross-entropy with logits
+// With p = sigmoid(x), q = 1 - p, t the target in [0, 1] (and tce the cross-entropy's target,
+// = t except under label smoothing, see loss() below):
+//   ce   = max(x, 0) - x tce + log1p(exp(-|x|))        binary cross-entropy with logits
 //   m    = 1 - p_t = p (1 - t) + q t
 //   loss = a_t * ce * m^gamma,   a_t = alpha t + (1 - alpha)(1 - t)  (a_t = 1 if alpha < 0)
-//   dloss/dx = a_t * [ (p - t) m^gamma + ce * gamma m^(gamma-1) * p q (1 - 2t) ]
+//   dloss/dx = a_t * [ (p - tce) m^gamma + ce * gamma m^(gamma-1) * p q (1 - 2t) ]
 // p and q are both formed from e = exp(-|x|) so neither cancels: the loss and gradient stay
 // finite and accurate for |x| = 100 in float32 (e underflows to 0, nothing divides by it).
 
@@ -102,25 +103,55 @@ HOST_DEVICE_INLINE T ce_nonfinite(T x, T t) {
   return x > T(0) ? (T(1) - t) * x : T(NAN);
 }
 
+// `t` is the label the alpha weight and the modulating factor see; `tce` is the target of the
+// cross-entropy. They differ only under label smoothing s (labels form): t in {0, 1} is the
+// unsmoothed label and tce = 1 - s/2 or s/2 its smoothed value, the convention of NVIDIA apex's
+// fused focal loss (MLPerf RetinaNet) and EfficientDet's official loss. The dense form has
+// tce = t (soft targets, exactly torchvision's formula).
 template <typename T, typename M, Gamma G>
-HOST_DEVICE_INLINE T loss(T x, T t, Params<T> prm) {
+HOST_DEVICE_INLINE T loss(T x, T t, T tce, Params<T> prm) {
   const Sig<T> s = sigmoid_parts<T, M>(x);
-  T ce = (s.relu - x * t) + s.l1p;
-  ce = finite_logit(x) ? ce : ce_nonfinite(x, t);
+  T ce = (s.relu - x * tce) + s.l1p;
+  ce = finite_logit(x) ? ce : ce_nonfinite(x, tce);
   const T m = s.p * (T(1) - t) + s.q * t;
   return alpha_t(prm.alpha, t) * ce * modulator<T, M, G>(m, prm.gamma);
 }
 
 template <typename T, typename M, Gamma G>
+HOST_DEVICE_INLINE T dloss(T x, T t, T tce, Params<T> prm) {
+  const Sig<T> s = sigmoid_parts<T, M>(x);
+  const T ce = (s.relu - x * tce) + s.l1p;
+  const T m = s.p * (T(1) - t) + s.q * t;
+  const T mod = modulator<T, M, G>(m, prm.gamma);
+  const T p_minus_t = s.p * (T(1) - tce) - s.q * tce;  // p - tce without cancellation at tce = 1
+  const T dm_dx = s.p * s.q * (T(1) - T(2) * t);
+  const T g = alpha_t(prm.alpha, t) *
+              (p_minus_t * mod + ce * dmodulator<T, M, G>(m, mod, prm.gamma) * dm_dx);
+  return finite_logit(x) ? g : T(NAN);
+}
+
+template <typename T, typename M, Gamma G>
+HOST_DEVICE_INLINE T loss(T x, T t, Params<T> prm) {
+  return loss<T, M, G>(x, t, t, prm);
+}
+
+template <typename T, typename M, Gamma G>
 HOST_DEVICE_INLINE T dloss(T x, T t, Params<T> prm) {
+  return dloss<T, M, G>(x, t, t, prm);
+}
+
+// d loss / d t of the dense form (tce = t): the gradient with respect to soft targets, as
+// autograd through torchvision's formula gives it:
+//   a'(t) ce m^g + a(t) (-x) m^g + a(t) ce g m^(g-1) (q - p),   a' = 2 alpha - 1 (0 if alpha < 0)
+template <typename T, typename M, Gamma G>
+HOST_DEVICE_INLINE T dloss_dt(T x, T t, Params<T> prm) {
   const Sig<T> s = sigmoid_parts<T, M>(x);
   const T ce = (s.relu - x * t) + s.l1p;
   const T m = s.p * (T(1) - t) + s.q * t;
   const T mod = modulator<T, M, G>(m, prm.gamma);
-  const T p_minus_t = s.p * (T(1) - t) - s.q * t;  // p - t without cancellation at t = 1
-  const T dm_dx = s.p * s.q * (T(1) - T(2) * t);
-  const T g = alpha_t(prm.alpha, t) *
-              (p_minus_t * mod + ce * dmodulator<T, M, G>(m, mod, prm.gamma) * dm_dx);
+  const T a = alpha_t(prm.alpha, t);
+  const T da = prm.alpha >= T(0) ? T(2) * prm.alpha - T(1) : T(0);
+  const T g = da * ce * mod - a * x * mod + a * ce * dmodulator<T, M, G>(m, mod, prm.gamma) * (s.q - s.p);
   return finite_logit(x) ? g : T(NAN);
 }
 

@@ -36,13 +36,32 @@ def labels_to_targets(labels: Tensor, num_classes: int, dtype: torch.dtype,
     return t * (1 - label_smoothing) + label_smoothing / 2
 
 
+def smoothed_focal_loss(logits: Tensor, targets: Tensor, label_smoothing: float, alpha: float = 0.25,
+                        gamma: float = 2.0) -> Tensor:
+    """Focal loss with label smoothing as NVIDIA apex's fused focal loss (MLPerf RetinaNet) and
+    EfficientDet's official loss define it, written out independently of the kernels: the
+    cross-entropy uses the smoothed targets t (1 - s) + s / 2; the alpha weight and the
+    modulating factor (1 - p_t)^gamma use the unsmoothed 0/1 targets. No reduction."""
+    p = torch.sigmoid(logits)
+    smooth = targets * (1 - label_smoothing) + label_smoothing / 2
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(logits, smooth, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss
+
+
 def sigmoid_focal_loss_labels(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0,
                               reduction: str = "sum", normalizer=None, label_smoothing: float = 0.0,
                               weights=None) -> Tensor:
     K = logits.shape[1]
     valid = labels != -2
-    t = labels_to_targets(labels, K, logits.dtype, label_smoothing)
-    loss = sigmoid_focal_loss(logits, t, alpha, gamma, "none")
+    t = labels_to_targets(labels, K, logits.dtype)
+    if label_smoothing:
+        loss = smoothed_focal_loss(logits, t, label_smoothing, alpha, gamma)
+    else:
+        loss = sigmoid_focal_loss(logits, t, alpha, gamma, "none")
     if weights is not None:
         loss = loss * weights.to(loss.dtype)[:, None]
     loss = torch.where(valid[:, None], loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
