@@ -341,9 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "where ROOT/train and ROOT/val each hold instances.json and "
                                    "images/ (what make-shapes writes), or --train-ann FILE "
                                    "--train-images DIR [--val-ann FILE --val-images DIR] (e.g. "
-                                   "COCO 2017). Writes OUT/checkpoint.pt every epoch, "
-                                   "OUT/history.json, OUT/loss_curve.png and, with validation "
-                                   "data, OUT/metrics.json. Multi-GPU / multi-process: "
+                                   "COCO 2017). Options can come from a YAML file (--config). "
+                                   "Writes OUT/checkpoint.pt every epoch, OUT/config.yaml, "
+                                   "OUT/metrics.jsonl, OUT/log.txt, OUT/history.json, "
+                                   "OUT/loss_curve.png and, with validation data, what eval "
+                                   "--out writes. Multi-GPU / multi-process: "
                                    "torchrun --nproc_per_node N -m retina_fast train ...")
     g = t.add_argument_group("data")
     g.add_argument("--data", help="dataset root with train/ and val/ split folders")
@@ -403,9 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_flags(g, progress=False)
 
     e = sub.add_parser("eval", formatter_class=fmt, help="COCO mAP of a checkpoint on a COCO-format split",
-                       description="Evaluate a checkpoint with pycocotools COCOeval (bbox): prints the "
-                                   "12-number summary; with --out writes metrics.json and "
-                                   "detections.json (COCO results format).")
+                       description="Evaluate a checkpoint with COCOeval (bbox; pycocotools or "
+                                   "faster-coco-eval): prints the 12-number summary and AP per "
+                                   "class and by object size; with --out writes metrics.json, "
+                                   "per_class.csv, pr_curves.png (precision-recall per class) "
+                                   "and detections.json (COCO results format).")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", help="split folder holding instances.json and images/")
     e.add_argument("--ann", help="annotation file (instead of --data)")
@@ -419,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", formatter_class=fmt, help="draw detections on images",
                         description="Run a checkpoint on image files or folders; writes each image "
                                     "with boxes, class names and scores drawn (PNG, or JPEG for JPEG "
-                                    "inputs) and predictions.json to --out.")
+                                    "inputs), predictions.json and coco_results.json (every "
+                                    "detection, COCO results format) to --out. Images are read "
+                                    "upright (EXIF orientation applied).")
     pr.add_argument("inputs", nargs="+", help="image files or folders")
     pr.add_argument("--checkpoint", required=True)
     pr.add_argument("--out", default="predictions")
@@ -480,7 +486,8 @@ def main(argv=None, *, allow_reexec: bool | None = None) -> int:
     when this is the ``retina-fast`` program itself (``python -m retina_fast`` passes True);
     never when called from Python, e.g. a notebook."""
     if allow_reexec is None:
-        allow_reexec = argv is None and os.path.basename(sys.argv[0]) == "retina-fast"
+        script = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+        allow_reexec = argv is None and script in ("retina-fast", "retina-fast-script")
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = build_parser()
     try:
