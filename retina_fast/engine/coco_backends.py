@@ -189,6 +189,7 @@ def per_class_text(rows: list, stats: dict) -> str:
         lines.append(f"  {r['name']:<{width}}  {f(r['AP'])}  {f(r['AP50'])}  {f(r['AP75'])}  "
                      f"{f(r['APs'])}  {f(r['APm'])}  {f(r['APl'])}  {r['num_gt']:5d}")
     n = {s: sum(r[f"num_gt_{s}"] for r in rows) for s in AREA_RANGES}
-    sizes = ", ".join(f"{s} {stats['AP' + s[0]]:.3f} ({n[s]} gt)" for s in AREA_RANGES)
+    sizes = ", ".join(f"{s} {f(stats['AP' + s[0]] if stats['AP' + s[0]] > -1 else None).strip()} ({n[s]} gt)"
+                      for s in AREA_RANGES)
     lines.append(f"AP by object size: {sizes}")
     return "\n".join(lines)

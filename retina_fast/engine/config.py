@@ -285,8 +285,8 @@ def _check_range(key: str, value, where: str):
     for v in values:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
-        if isinstance(v, float) and math.isnan(v):
-            raise RetinaFastError(f"{where}: must be a number, not nan")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise RetinaFastError(f"{where}: must be a finite number, not {v}")
         if key in _AT_LEAST and v < _AT_LEAST[key]:
             raise RetinaFastError(f"{where}: must be at least {_AT_LEAST[key]}, not {v}")
         if key in _POSITIVE and not v > 0:

@@ -28,7 +28,7 @@
   (:class:`~retina_fast.engine.logging_utils.MetricsLogger`). ``config``, the run's resolved
   command-line config (plain types), is kept in the checkpoint under ``"config"``.
 * Progress: a tqdm bar with loss, lr and images/s when stderr is a terminal, otherwise a line
-  every ``log_every`` iterations.
+  every ``log_every`` iterations ending with the estimated time left.
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ import torch
 from retina_fast.data.errors import RetinaFastError
 from retina_fast.data.loader import EpochSampler, make_loader
 from retina_fast.engine import distributed as rdist
-from retina_fast.engine.logging_utils import MetricsLogger, Progress
 from retina_fast.engine.checkpoint import (
     FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state,
 )
+from retina_fast.engine.logging_utils import MetricsLogger, Progress
 from retina_fast.engine.model_factory import build_model, param_groups
 from retina_fast.engine.schedule import WarmupSchedule
 

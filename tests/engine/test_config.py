@@ -146,3 +146,15 @@ def test_the_example_configs_in_the_usage_guide_are_valid(tmp_path):
         args = rconfig.apply_config(parser, ["train", "--config", path], cfg)
         rconfig.check_model(args.model, rconfig.model_kwargs(args))
     assert "backbone_weights" in blocks[1]  # the weights work's flag, commented until it lands
+
+
+def test_model_names_are_what_build_model_accepts():
+    from retina_fast.engine import MODEL_NAMES
+
+    assert "resnet34-fpn" in MODEL_NAMES
+    for name in MODEL_NAMES:
+        rconfig.check_model(name, {})          # on the meta device: milliseconds
+    with pytest.raises(RetinaFastError, match="unknown model 'resnet35-fpn'; choose one of .*resnet34-fpn"):
+        rconfig.check_model("resnet35-fpn", {})
+    with pytest.raises(RetinaFastError, match=r"unknown option\(s\) for resnet34-fpn: \['norm'\]"):
+        rconfig.check_model("resnet34-fpn", {"norm": "gn"})
