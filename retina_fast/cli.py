@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import subprocess
 import sys
 
@@ -116,11 +117,11 @@ def _resolve_split(path: str | None, ann: str | None, images: str | None, what: 
     return ann, os.path.join(path, "images")
 
 
-def _start_run_files(args) -> None:
+def _start_run_files(args, argv) -> None:
     """OUT/log.txt (a copy of the console) and, for train, OUT/config.yaml; rank 0 only."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    start_console_log(os.path.join(args.out, "log.txt"))
+    start_console_log(os.path.join(args.out, "log.txt"), "retina-fast " + shlex.join(argv))
     if getattr(args, "run_config", None) is not None:
         rconfig.write_config(args.out, args.run_config, args.config)
 
@@ -145,7 +146,7 @@ def cmd_demo(args, argv):
     from retina_fast.engine.train import check_writable_dir
 
     check_writable_dir(args.out)
-    _start_run_files(args)
+    _start_run_files(args, argv)
     run_demo(out_dir=args.out, time_budget=args.time_budget, device=args.device, seed=args.seed,
              val_images=args.val_images, batch_size=args.batch_size, lr=args.lr,
              workers=args.workers, amp=args.amp, max_iters=args.max_iters, progress=args.progress)
@@ -161,7 +162,7 @@ def cmd_train(args, argv):
 
     check_writable_dir(args.out)
     model_kwargs = rconfig.model_kwargs(args)
-    _start_run_files(args)
+    _start_run_files(args, argv)
 
     if args.shapes_stream:
         train_set = ShapesStream(args.shapes_stream, seed=args.seed, cfg=ShapesConfig(),
@@ -221,7 +222,7 @@ def cmd_eval(args, argv):
         raise RetinaFastError("give --data SPLIT_DIR or --ann FILE --images DIR")
     if args.out:
         check_writable_dir(args.out)
-        _start_run_files(args)
+        _start_run_files(args, argv)
     dev = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     ds = CocoDetection(*split, transforms=eval_transforms())

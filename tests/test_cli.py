@@ -72,6 +72,7 @@ def test_make_shapes_train_eval_predict(tmp_path):
     assert config["batch_size"] == 4 and config["threads"] == 1 and config["model_opt"]["fpn_channels"] == 16
     assert torch.load(out / "checkpoint.pt", weights_only=False)["config"] == config
     log_txt = (out / "log.txt").read_text()
+    assert log_txt.startswith("== ") and "retina-fast train --config" in log_txt.splitlines()[0]
     assert "[train] it 4/4" in log_txt and "trained 4 iterations" in log_txt and "Per class" in log_txt
     recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["iter"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]
@@ -171,6 +172,15 @@ def test_every_class_of_user_error_is_one_line_in_a_real_process(tmp_path):
     assert "restarting with OMP_WAIT_POLICY=PASSIVE" in procs["re-exec"].stderr
 
 
+@pytest.fixture
+def keep_threads():
+    import torch
+
+    n = torch.get_num_threads()  # main() sets the thread count for the commands that run
+    yield
+    torch.set_num_threads(n)
+
+
 def _run_main(capsys, argv):
     from retina_fast.cli import main
 
@@ -189,7 +199,7 @@ def _run_main(capsys, argv):
     (["train", "--time-budget", "inf"], "--time-budget: must be a finite number, not inf"),
     (["train", "--log-every", "0"], "--log-every: must be at least 1"),
     (["train", "--seed", "-1"], "--seed: must be at least 0"),
-    (["train", "--device", "cuda:x"], "'cuda:x' is not a device"),
+    (["train", "--device", "cpu:x"], "'cpu:x' is not a device"),
     (["train", "--model", "resnet50"], "unknown model 'resnet50'"),
     (["train", "--model-opt", "head_convs"], "expected KEY=VALUE"),
     (["train", "--model-opt", "widths=[8]"], "cannot be built with widths=[8]"),
@@ -208,14 +218,14 @@ def _run_main(capsys, argv):
     (["make-shapes", "out", "--train", "-1"], "--train: must be at least 0"),
     (["nope"], "invalid choice: 'nope'"),
 ])
-def test_user_errors_in_every_subcommand_are_one_line(capsys, argv, needle):
+def test_user_errors_in_every_subcommand_are_one_line(capsys, keep_threads, argv, needle):
     rc, err = _run_main(capsys, argv)
     assert rc == 2 and "Traceback" not in err
     lines = [l for l in err.splitlines() if l.strip()]
     assert len(lines) == 1 and "error:" in lines[0] and needle in lines[0], err
 
 
-def test_main_called_from_python_never_replaces_the_process(monkeypatch, capsys, tmp_path):
+def test_main_called_from_python_never_replaces_the_process(monkeypatch, capsys, keep_threads, tmp_path):
     import retina_fast.cli as cli
 
     class Replaced(Exception):

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import sys
 import time
 
@@ -193,13 +192,12 @@ class _Tee:
 _active = {}
 
 
-def start_console_log(path: str, header: str | None = None) -> None:
+def start_console_log(path: str, command: str) -> None:
     """Copy stdout, stderr and the ``retina_fast`` logger to ``path`` (appended) until
-    :func:`stop_console_log`. The file starts with a dated line holding the command."""
+    :func:`stop_console_log`. The run starts with a dated line holding ``command``."""
     stop_console_log()
     f = open(path, "a", encoding="utf-8")
-    cmd = header or "retina-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    f.write(f"== {datetime.datetime.now().isoformat(timespec='seconds')} {cmd}\n")
+    f.write(f"== {datetime.datetime.now().isoformat(timespec='seconds')} {command}\n")
     f.flush()
     out, err = _Tee(sys.stdout, f), _Tee(sys.stderr, f)
     swapped = []

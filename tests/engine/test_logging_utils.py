@@ -91,7 +91,7 @@ def test_console_log_copies_what_the_console_shows(tmp_path, capsys):
     old = log.handlers[:]
     log.handlers[:] = [logging.StreamHandler(sys.stderr)]
     try:
-        start_console_log(str(tmp_path / "log.txt"), header="retina-fast test")
+        start_console_log(str(tmp_path / "log.txt"), "retina-fast test")
         print("[train] it 1/10")
         print("a warning", file=sys.stderr)
         log.warning("from the logger")
