@@ -4,4 +4,4 @@ import sys
 
 from retina_fast.cli import main
 
-sys.exit(main())
+sys.exit(main(allow_reexec=True))

@@ -16,18 +16,24 @@ work and, if needed, restart the process once with the variable set:
 * ``--omp-wait-policy auto`` (default): PASSIVE when the 1-minute load average before the run is
   at least 40% of the cores (someone else is working), otherwise PyTorch's default (active).
 * ``active`` / ``passive``: force it. An ``OMP_WAIT_POLICY`` already in the environment wins.
+
+Only the program itself restarts: the ``retina-fast`` script and ``python -m retina_fast``.
+``main()`` called from Python (a notebook) never replaces the process it runs in; it notes that
+the policy cannot change there instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 
 from retina_fast.data.errors import RetinaFastError
+from retina_fast.engine import config as rconfig
+from retina_fast.engine.logging_utils import start_console_log, stop_console_log
 
 log = logging.getLogger("retina_fast")
 
@@ -56,6 +62,11 @@ def _apply_omp_policy(args, argv) -> None:
     if os.environ.get("OMP_WAIT_POLICY") or os.environ.get("RETINA_FAST_REEXEC"):
         return
     if _want_passive(args.omp_wait_policy):
+        if not getattr(args, "allow_reexec", False):
+            log.info("OMP_WAIT_POLICY=PASSIVE would suit this machine, but retina_fast.cli.main() "
+                     "was called from Python and does not restart the process it runs in; set "
+                     "OMP_WAIT_POLICY=PASSIVE in the environment before Python starts")
+            return
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", RETINA_FAST_REEXEC="1")
         print("[retina-fast] other processes are using the CPU: restarting with "
               "OMP_WAIT_POLICY=PASSIVE (see --omp-wait-policy)", file=sys.stderr, flush=True)
@@ -106,6 +117,25 @@ def _resolve_split(path: str | None, ann: str | None, images: str | None, what: 
     return ann, os.path.join(path, "images")
 
 
+def _start_run_files(args, argv) -> None:
+    """OUT/log.txt (a copy of the console) and, for train, OUT/config.yaml; rank 0 only."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    start_console_log(os.path.join(args.out, "log.txt"), "retina-fast " + shlex.join(argv))
+    if getattr(args, "run_config", None) is not None:
+        rconfig.write_config(args.out, args.run_config, args.config)
+
+
+def _log_eval(args, metrics: dict, step: int) -> None:
+    """The evaluation after training, into OUT/metrics.jsonl (and TensorBoard)."""
+    from retina_fast.engine.evaluate import STAT_NAMES
+    from retina_fast.engine.logging_utils import MetricsLogger
+
+    ml = MetricsLogger(args.out, tensorboard=args.tensorboard)
+    ml.log("eval", step, {k: metrics[k] for k in STAT_NAMES})
+    ml.close()
+
+
 # ---------------------------------------------------------------------------------- commands
 
 
@@ -113,7 +143,10 @@ def cmd_demo(args, argv):
     _apply_omp_policy(args, argv)
     _set_threads(args)
     from retina_fast.engine.demo import run_demo
+    from retina_fast.engine.train import check_writable_dir
 
+    check_writable_dir(args.out)
+    _start_run_files(args, argv)
     run_demo(out_dir=args.out, time_budget=args.time_budget, device=args.device, seed=args.seed,
              val_images=args.val_images, batch_size=args.batch_size, lr=args.lr,
              workers=args.workers, amp=args.amp, max_iters=args.max_iters, progress=args.progress)
@@ -128,17 +161,8 @@ def cmd_train(args, argv):
     from retina_fast.engine.train import TrainConfig, check_writable_dir, train
 
     check_writable_dir(args.out)
-    model_kwargs = {}
-    if args.min_size:
-        model_kwargs["min_size"] = args.min_size if len(args.min_size) > 1 else args.min_size[0]
-    if args.max_size:
-        model_kwargs["max_size"] = args.max_size
-    for kv in args.model_opt or []:
-        k, _, v = kv.partition("=")
-        try:
-            model_kwargs[k] = json.loads(v)
-        except json.JSONDecodeError:
-            model_kwargs[k] = v
+    model_kwargs = rconfig.model_kwargs(args)
+    _start_run_files(args, argv)
 
     if args.shapes_stream:
         train_set = ShapesStream(args.shapes_stream, seed=args.seed, cfg=ShapesConfig(),
@@ -170,16 +194,18 @@ def cmd_train(args, argv):
         lr_steps=tuple(args.lr_steps or ()), lr_gamma=args.lr_gamma, warmup_iters=args.warmup_iters,
         clip_grad=args.clip_grad, amp=args.amp, sync_bn=args.sync_bn, device=args.device,
         seed=args.seed, resume=args.resume, time_budget=args.time_budget, max_iters=args.max_iters,
-        log_every=args.log_every, progress=args.progress,
+        log_every=args.log_every, progress=args.progress, tensorboard=args.tensorboard,
     )
-    result = train(cfg, train_set, categories)
+    result = train(cfg, train_set, categories, config=args.run_config)
     from retina_fast.engine import distributed as rdist
 
     if rdist.rank() == 0:
         if result.history:
             plot_loss_curve(result.history, os.path.join(args.out, "loss_curve.png"))
         if val_set is not None and not args.no_eval:
-            evaluate(result.model, val_set, args.out, device=next(result.model.parameters()).device)
+            metrics = evaluate(result.model, val_set, args.out, device=next(result.model.parameters()).device,
+                               progress=args.progress, coco_backend=args.coco_backend)
+            _log_eval(args, metrics, result.iterations)
         print(f"[train] checkpoint: {result.checkpoint}", flush=True)
     rdist.cleanup()
 
@@ -196,6 +222,7 @@ def cmd_eval(args, argv):
         raise RetinaFastError("give --data SPLIT_DIR or --ann FILE --images DIR")
     if args.out:
         check_writable_dir(args.out)
+        _start_run_files(args, argv)
     dev = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     ds = CocoDetection(*split, transforms=eval_transforms())
@@ -204,15 +231,17 @@ def cmd_eval(args, argv):
         raise RetinaFastError(f"the dataset's category ids {ds.cat_ids[:10]} differ from the "
                               f"checkpoint's {ck_ids[:10]}")
     model = model_from_checkpoint(ckpt, dev)
-    evaluate(model, ds, args.out, device=dev, batch_size=args.batch_size)
+    evaluate(model, ds, args.out, device=dev, batch_size=args.batch_size, progress=args.progress,
+             coco_backend=args.coco_backend)
     if args.out:
-        print(f"[eval] metrics.json and detections.json written to {args.out}", flush=True)
+        print(f"[eval] metrics.json, per_class.csv, pr_curves.png and detections.json written to "
+              f"{args.out}", flush=True)
 
 
 def cmd_predict(args, argv):
     _set_threads(args)
     from retina_fast.engine.checkpoint import load_checkpoint, model_from_checkpoint
-    from retina_fast.engine.predict import collect_images, predict_images
+    from retina_fast.engine.predict import collect_images, predict_images, set_input_size
     from retina_fast.engine.train import check_writable_dir, resolve_device
 
     paths = collect_images(args.inputs)
@@ -220,12 +249,15 @@ def cmd_predict(args, argv):
     dev = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt, dev)
+    set_input_size(model, args.min_size, args.max_size)
     names = [c.get("name", str(c["id"])) for c in ckpt["categories"]]
     recs = predict_images(model, paths, args.out, names, device=dev, score_thresh=args.score_thresh,
                           image_format=args.format,
-                          label_to_cat_id=[c["id"] for c in ckpt["categories"]])
+                          label_to_cat_id=[c["id"] for c in ckpt["categories"]],
+                          batch_size=args.batch_size)
     n = sum(len(r["boxes"]) for r in recs)
-    print(f"[predict] {n} detections on {len(recs)} images; drawn images and predictions.json in {args.out}")
+    print(f"[predict] {n} detections on {len(recs)} images; drawn images, predictions.json and "
+          f"coco_results.json in {args.out}")
 
 
 def cmd_make_shapes(args, argv):
@@ -256,9 +288,28 @@ def cmd_bench(args, argv):
 # ------------------------------------------------------------------------------------ parser
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse with a usage error on one line (the full usage is one ``--help`` away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_eval_flags(p, progress=True):
+    from retina_fast.engine.coco_backends import BACKENDS
+
+    p.add_argument("--coco-backend", choices=BACKENDS, default="auto",
+                   help="COCOeval implementation: faster is faster-coco-eval (pip install "
+                        "faster-coco-eval; same numbers, several times faster), auto picks it "
+                        "when it is installed")
+    if progress:
+        p.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
+                       help="auto: a tqdm bar on a terminal, lines with an ETA otherwise")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(
+    p = _ArgumentParser(
         prog="retina-fast",
         description="Fast, exact RetinaNet: train, evaluate and run detectors on COCO-format data.",
         epilog="Start with `retina-fast demo` (synthetic shapes, ~10 minutes on 2 CPU cores). "
@@ -291,9 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "where ROOT/train and ROOT/val each hold instances.json and "
                                    "images/ (what make-shapes writes), or --train-ann FILE "
                                    "--train-images DIR [--val-ann FILE --val-images DIR] (e.g. "
-                                   "COCO 2017). Writes OUT/checkpoint.pt every epoch, "
-                                   "OUT/history.json, OUT/loss_curve.png and, with validation "
-                                   "data, OUT/metrics.json. Multi-GPU / multi-process: "
+                                   "COCO 2017). Options can come from a YAML file (--config). "
+                                   "Writes OUT/checkpoint.pt every epoch, OUT/config.yaml, "
+                                   "OUT/metrics.jsonl, OUT/log.txt, OUT/history.json, "
+                                   "OUT/loss_curve.png and, with validation data, what eval "
+                                   "--out writes. Multi-GPU / multi-process: "
                                    "torchrun --nproc_per_node N -m retina_fast train ...")
     g = t.add_argument_group("data")
     g.add_argument("--data", help="dataset root with train/ and val/ split folders")
@@ -340,11 +393,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     _add_runtime_flags(g)
     t.set_defaults(func=cmd_train)
+    g = t.add_argument_group("config file and logs")
+    g.add_argument("--config", metavar="FILE.yaml",
+                   help="read options from a YAML file: every flag above is a key (batch_size, "
+                        "lr_steps, model_opt: {norm: gn}...); flags given here override it. The "
+                        "resolved config is written to OUT/config.yaml and into the checkpoint")
+    g.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (YAML) and exit")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard scalars to OUT/tensorboard (pip install "
+                        "tensorboard); OUT/metrics.jsonl and OUT/log.txt are always written")
+    _add_eval_flags(g, progress=False)
 
     e = sub.add_parser("eval", formatter_class=fmt, help="COCO mAP of a checkpoint on a COCO-format split",
-                       description="Evaluate a checkpoint with pycocotools COCOeval (bbox): prints the "
-                                   "12-number summary; with --out writes metrics.json and "
-                                   "detections.json (COCO results format).")
+                       description="Evaluate a checkpoint with COCOeval (bbox; pycocotools or "
+                                   "faster-coco-eval): prints the 12-number summary and AP per "
+                                   "class and by object size; with --out writes metrics.json, "
+                                   "per_class.csv, pr_curves.png (precision-recall per class) "
+                                   "and detections.json (COCO results format).")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", help="split folder holding instances.json and images/")
     e.add_argument("--ann", help="annotation file (instead of --data)")
@@ -353,11 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8)
     _add_runtime_flags(e, omp=False)
     e.set_defaults(func=cmd_eval)
+    _add_eval_flags(e)
 
     pr = sub.add_parser("predict", formatter_class=fmt, help="draw detections on images",
                         description="Run a checkpoint on image files or folders; writes each image "
                                     "with boxes, class names and scores drawn (PNG, or JPEG for JPEG "
-                                    "inputs) and predictions.json to --out.")
+                                    "inputs), predictions.json and coco_results.json (every "
+                                    "detection, COCO results format) to --out. Images are read "
+                                    "upright (EXIF orientation applied).")
     pr.add_argument("inputs", nargs="+", help="image files or folders")
     pr.add_argument("--checkpoint", required=True)
     pr.add_argument("--out", default="predictions")
@@ -365,6 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--format", choices=["png", "jpg"], help="output image format (default: like the input)")
     _add_runtime_flags(pr, omp=False)
     pr.set_defaults(func=cmd_predict)
+    pr.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    pr.add_argument("--min-size", type=int,
+                    help="resize the shorter side to this (default: the model's, e.g. 160 for "
+                         "shapes-small, 800 for the ResNets)")
+    pr.add_argument("--max-size", type=int,
+                    help="longer side at most (default: the model's, scaled like --min-size)")
 
     m = sub.add_parser("make-shapes", formatter_class=fmt, help="write the synthetic shapes dataset (COCO format)",
                        description="Write OUT/train and OUT/val, each with images/ and instances.json: "
@@ -390,10 +465,36 @@ class _Formatter(logging.Formatter):
         return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _prepare(parser, args, argv):
+    """The config file merged in (train), the resolved config, and every check that can be done
+    before work starts; a problem is a RetinaFastError."""
+    if args.command == "train":
+        if args.config:
+            cfg = rconfig.load_config(args.config, rconfig.subparser(parser, "train"))
+            args = rconfig.apply_config(parser, argv, cfg)
+        rconfig.check_args(args, parser)
+        rconfig.check_model(args.model, rconfig.model_kwargs(args))
+        args.run_config = rconfig.resolved_config(args, parser)
+    else:
+        rconfig.check_args(args, parser)
+    return args
+
+
+def main(argv=None, *, allow_reexec: bool | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
+
+    ``allow_reexec``: whether ``--omp-wait-policy`` may restart the process. By default only
+    when this is the ``retina-fast`` program itself (``python -m retina_fast`` passes True);
+    never when called from Python, e.g. a notebook."""
+    if allow_reexec is None:
+        script = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+        allow_reexec = argv is None and script in ("retina-fast", "retina-fast-script")
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed on one line
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
@@ -403,8 +504,15 @@ def main(argv=None) -> int:
     log.setLevel(logging.INFO)
     log.propagate = False
     try:
+        args = _prepare(parser, args, argv)
+        if getattr(args, "print_config", False):
+            print(rconfig.dump_config(args.run_config, args.config), end="", flush=True)
+            return 0
+        args.allow_reexec = allow_reexec
         rc = args.func(args, argv)
         return int(rc or 0)
+    except SystemExit as e:  # a usage error while re-reading the command line with a config
+        return e.code if isinstance(e.code, int) else 2
     except RetinaFastError as e:
         print(f"retina-fast: error: {e}", file=sys.stderr)
         return 2
@@ -414,6 +522,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("retina-fast: interrupted", file=sys.stderr)
         return 130
+    finally:
+        stop_console_log()
 
 
 if __name__ == "__main__":

@@ -13,10 +13,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model-opt", "widths=[8,8,16,16,16]", "--model-opt", "fpn_channels=16", "--min-size", "64"]
 
 
-def run(*args, ok=True):
+def _env(extra=None, drop=()):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    p = subprocess.run([sys.executable, "-m", "retina_fast", *map(str, args)], cwd=ROOT, env=env,
+    env.update(extra or {})
+    for k in drop:
+        env.pop(k, None)
+    return env
+
+
+def run(*args, ok=True):
+    p = subprocess.run([sys.executable, "-m", "retina_fast", *map(str, args)], cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=300)
     if ok:
         assert p.returncode == 0, p.stdout + p.stderr
@@ -44,24 +51,53 @@ def test_help_for_every_command():
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("pycocotools") is None, reason="needs pycocotools")
 def test_make_shapes_train_eval_predict(tmp_path):
+    import torch
+    import yaml
+
     data, out = tmp_path / "data", tmp_path / "run"
     run("make-shapes", data, "--train", 8, "--val", 4, "--size", 64)
-    p = run("train", "--data", data, "--out", out, *TINY, "--epochs", 2, "--batch-size", 4,
-            "--workers", 0, "--threads", 1, "--device", "cpu", "--log-every", 1)
-    assert "[train] it 1/4" in p.stdout and "Average Precision" in p.stdout
-    for f in ("checkpoint.pt", "history.json", "loss_curve.png", "metrics.json", "detections.json"):
+    # the tiny model from a config file; flags on the command line add to it
+    (tmp_path / "tiny.yaml").write_text(
+        "model_opt: {widths: [8, 8, 16, 16, 16], fpn_channels: 16, score_thresh: 0.001}\nmin_size: [64]\n"
+        "epochs: 2\nbatch-size: 4\nworkers: 0\n")
+    tb = ["--tensorboard"] if __import__("importlib").util.find_spec("tensorboard") else []
+    p = run("train", "--config", tmp_path / "tiny.yaml", "--data", data, "--out", out, "--threads", 1,
+            "--device", "cpu", "--log-every", 1, *tb)
+    assert "[train] it 1/4" in p.stdout and "eta " in p.stdout and "Average Precision" in p.stdout
+    assert "[eval] images 4/4" in p.stdout and "Per class" in p.stdout and "triangle" in p.stdout
+    for f in ("checkpoint.pt", "history.json", "loss_curve.png", "metrics.json", "detections.json",
+              "config.yaml", "log.txt", "metrics.jsonl", "per_class.csv", "pr_curves.png"):
         assert (out / f).is_file(), f
+    config = yaml.safe_load(open(out / "config.yaml"))
+    assert config["batch_size"] == 4 and config["threads"] == 1 and config["model_opt"]["fpn_channels"] == 16
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["config"] == config
+    log_txt = (out / "log.txt").read_text()
+    assert log_txt.startswith("== ") and "retina-fast train --config" in log_txt.splitlines()[0]
+    assert "[train] it 4/4" in log_txt and "trained 4 iterations" in log_txt and "Per class" in log_txt
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["iter"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert recs[-1]["kind"] == "eval" and recs[-1]["iter"] == 4 and "AP50" in recs[-1]
+    assert bool(tb) == (out / "tensorboard").is_dir()
+
     p = run("eval", "--checkpoint", out / "checkpoint.pt", "--data", data / "val", "--out", tmp_path / "ev")
-    assert "Average Precision" in p.stdout
-    assert set(json.load(open(tmp_path / "ev" / "metrics.json"))) >= {"AP", "AP50", "ARl"}
+    assert "Average Precision" in p.stdout and "AP by object size" in p.stdout
+    metrics = json.load(open(tmp_path / "ev" / "metrics.json"))
+    assert set(metrics) >= {"AP", "AP50", "ARl", "per_class"}
+    assert [r["name"] for r in metrics["per_class"]] == ["circle", "square", "triangle"]
+    assert (tmp_path / "ev" / "pr_curves.png").is_file() and (tmp_path / "ev" / "log.txt").is_file()
     p = run("predict", data / "val" / "images", "--checkpoint", out / "checkpoint.pt",
-            "--out", tmp_path / "pred", "--score-thresh", 0.0)
+            "--out", tmp_path / "pred", "--score-thresh", 0.0, "--batch-size", 3, "--min-size", 96)
     assert len([f for f in os.listdir(tmp_path / "pred") if f.endswith(".png")]) == 4
     assert len(json.load(open(tmp_path / "pred" / "predictions.json"))["images"]) == 4
-    # resume continues from the last epoch
-    p = run("train", "--data", data, "--out", out, *TINY, "--epochs", 3, "--batch-size", 4,
-            "--workers", 0, "--device", "cpu", "--no-eval", "--log-every", 1, "--resume", out / "checkpoint.pt")
+    results = json.load(open(tmp_path / "pred" / "coco_results.json"))
+    assert results and set(results[0]) == {"image_id", "category_id", "bbox", "score"}
+    assert {r["image_id"] for r in results} <= {1, 2, 3, 4} and {r["category_id"] for r in results} <= {1, 2, 3}
+    # resume continues from the last epoch; the flags may come from the saved config
+    p = run("train", "--config", out / "config.yaml", "--epochs", 3, "--no-eval",
+            "--resume", out / "checkpoint.pt")
     assert "resumed from" in p.stderr and "[train] it 6/6" in p.stdout
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["iter"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path):
@@ -95,3 +131,122 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         ro.chmod(0o500)
         assert_one_line_error(run("make-shapes", ro / "x", ok=False), "cannot write")
     assert_one_line_error(run("make-shapes", tmp_path / "empty.json" / "x", ok=False), "cannot write")
+
+
+def _popen(args, env_extra=None, drop=()):
+    return subprocess.Popen([sys.executable, "-m", "retina_fast", *map(str, args)], cwd=ROOT,
+                            env=_env(env_extra, drop), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_every_class_of_user_error_is_one_line_in_a_real_process(tmp_path):
+    """One process per class of error, all started at once (each is mostly `import torch`).
+    Bad paths and files have theirs above; every subcommand's variants run in-process below."""
+    (tmp_path / "bad.yaml").write_text("batchsize: 4\n")
+    hide = tmp_path / "hide"  # a sitecustomize that makes tensorboard look uninstalled
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['tensorboard'] = None\n")
+    ck = tmp_path / "none.pt"
+    cases = {
+        "bad flag or value": (["eval", "--checkpoint", ck, "--batch-size", "many"], "invalid int value: 'many'"),
+        "out of range": (["predict", tmp_path, "--checkpoint", ck, "--batch-size", 0],
+                         "--batch-size: must be at least 1, not 0"),
+        "model name": (["train", "--model", "resnet5-fpn"], "unknown model 'resnet5-fpn'"),
+        "model option": (["train", "--model", "resnet18-fpn", "--model-opt", 'norm="gn"'],
+                         "unknown option(s) for resnet18-fpn: ['norm']"),
+        "config": (["train", "--config", tmp_path / "bad.yaml"], "unknown key 'batchsize'"),
+        "device": (["demo", "--device", "gpu", "--out", tmp_path / "d"], "'gpu' is not a device"),
+        "missing package": (["train", "--tensorboard", "--print-config"], "pip install tensorboard"),
+    }
+    hidden = {"PYTHONPATH": f"{hide}{os.pathsep}{ROOT}"}
+    procs = {name: _popen(argv, hidden if name == "missing package" else None)
+             for name, (argv, _) in cases.items()}
+    # --omp-wait-policy passive restarts `python -m retina_fast` once, then reports the error
+    procs["re-exec"] = _popen(["train", "--omp-wait-policy", "passive", "--data", tmp_path / "nodata",
+                               "--out", tmp_path / "o"], drop=("OMP_WAIT_POLICY", "RETINA_FAST_REEXEC"))
+    cases["re-exec"] = (None, "holds no instances.json")
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        p.stdout, p.stderr = out, err
+        assert_one_line_error(p, cases[name][1])
+    assert "restarting with OMP_WAIT_POLICY=PASSIVE" in procs["re-exec"].stderr
+
+
+@pytest.fixture
+def keep_threads():
+    import torch
+
+    n = torch.get_num_threads()  # main() sets the thread count for the commands that run
+    yield
+    torch.set_num_threads(n)
+
+
+def _run_main(capsys, argv):
+    from retina_fast.cli import main
+
+    rc = main(list(map(str, argv)))
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["demo", "--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["demo", "--time-budget", "-5"], "--time-budget: must be positive"),
+    (["demo", "--progress", "fancy"], "invalid choice: 'fancy'"),
+    (["demo", "--threads", "-1"], "--threads: must be at least 0"),
+    (["train", "--hflip", "1.5"], "--hflip: must be between 0 and 1"),
+    (["train", "--epochs", "0"], "--epochs: must be at least 1"),
+    (["train", "--lr", "nan"], "--lr: must be a finite number, not nan"),
+    (["train", "--time-budget", "inf"], "--time-budget: must be a finite number, not inf"),
+    (["train", "--log-every", "0"], "--log-every: must be at least 1"),
+    (["train", "--seed", "-1"], "--seed: must be at least 0"),
+    (["train", "--device", "cpu:x"], "'cpu:x' is not a device"),
+    (["train", "--model", "resnet50"], "unknown model 'resnet50'"),
+    (["train", "--model-opt", "head_convs"], "expected KEY=VALUE"),
+    (["train", "--model-opt", "widths=[8]"], "cannot be built with widths=[8]"),
+    (["train", "--model-opt", "norm=\"xx\""], "norm must be 'bn' or 'gn'"),
+    (["train", "--config", "missing.yaml"], "config file not found: missing.yaml"),
+    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["predict", "missing.png", "--checkpoint", "x.pt"], "no such image or folder: missing.png"),
+    (["train", "--min-size", "0"], "--min-size: must be at least 1"),
+    (["eval", "--checkpoint", "x.pt"], "give --data SPLIT_DIR"),
+    (["eval", "--checkpoint", "x.pt", "--device", "tpu"], "'tpu' is not a device"),
+    (["eval", "--checkpoint", "x.pt", "--coco-backend", "fast"], "invalid choice: 'fast'"),
+    (["predict", "x.png", "--checkpoint", "x.pt", "--min-size", "-3"], "--min-size: must be at least 1"),
+    (["predict", "x.png", "--checkpoint", "x.pt", "--max-size", "0"], "--max-size: must be at least 1"),
+    (["predict", "--checkpoint", "x.pt"], "the following arguments are required: inputs"),
+    (["make-shapes", "out", "--size", "8"], "--size: must be at least 32"),
+    (["make-shapes", "out", "--train", "-1"], "--train: must be at least 0"),
+    (["nope"], "invalid choice: 'nope'"),
+])
+def test_user_errors_in_every_subcommand_are_one_line(capsys, keep_threads, argv, needle):
+    rc, err = _run_main(capsys, argv)
+    assert rc == 2 and "Traceback" not in err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and "error:" in lines[0] and needle in lines[0], err
+
+
+def test_main_called_from_python_never_replaces_the_process(monkeypatch, capsys, keep_threads, tmp_path):
+    import retina_fast.cli as cli
+
+    class Replaced(Exception):
+        pass
+
+    def fake_execve(*a):
+        raise Replaced(a)
+
+    monkeypatch.setattr(os, "execve", fake_execve)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("RETINA_FAST_REEXEC", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))  # a busy machine: auto -> passive
+    argv = ["train", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "o")]
+    for policy in ("auto", "passive"):
+        rc, err = _run_main(capsys, argv + ["--omp-wait-policy", policy])
+        assert rc == 2 and "holds no instances.json" in err and "does not restart" in err
+    # the retina-fast script itself (main() with no arguments, argv[0] the script) may restart
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/retina-fast"] + argv)
+    with pytest.raises(Replaced) as e:
+        cli.main()
+    assert e.value.args[0][1][1:3] == ["-m", "retina_fast"] and e.value.args[0][2]["OMP_WAIT_POLICY"] == "PASSIVE"
+    # a notebook's sys.argv is not the script: no restart even with argv=None
+    monkeypatch.setattr(sys, "argv", ["/usr/lib/ipykernel_launcher.py", "-f", "kernel.json"])
+    assert cli.main(argv + ["--omp-wait-policy", "passive"]) == 2

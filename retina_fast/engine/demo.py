@@ -78,7 +78,7 @@ def run_demo(out_dir: str = "retina_fast_demo", time_budget: float | None = None
     val = CocoDetection(os.path.join(out_dir, "data", "val", "instances.json"),
                         os.path.join(out_dir, "data", "val", "images"), transforms=eval_transforms())
     model = result.model.eval()
-    metrics = evaluate(model, val, out_dir, device=dev, batch_size=16)
+    metrics = evaluate(model, val, out_dir, device=dev, batch_size=16, progress=progress)
     t_eval = time.perf_counter() - t
 
     plot_loss_curve(result.history, os.path.join(out_dir, "loss_curve.png"),

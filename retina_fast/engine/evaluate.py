@@ -1,97 +1,113 @@
-"""COCO bbox evaluation with pycocotools' ``COCOeval``.
+"""COCO bbox evaluation (COCOeval through pycocotools or faster-coco-eval).
 
 ``evaluate(model, dataset, out_dir)`` runs the model over a :class:`CocoDetection` (images as
 they are; the model resizes them itself and returns boxes in original pixels), writes
 ``detections.json`` (COCO results format: ``image_id``, ``category_id``, ``bbox`` ``[x, y, w,
-h]``, ``score``) and ``metrics.json`` (the 12 standard numbers by name, plus the printed
-summary), prints the summary and returns the metrics dict.
+h]``, ``score``), ``metrics.json`` (the 12 standard numbers by name, the printed summary, and
+``per_class``: AP, AP50, AP75, APs, APm, APl and ground-truth counts of each class),
+``per_class.csv`` and ``pr_curves.png`` (a precision-recall panel per class), prints the
+summary and the per-class table, and returns the metrics dict. The COCOeval backend is chosen
+by :func:`retina_fast.engine.coco_backends.resolve_backend`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
+import csv
 import json
 import os
 
 import torch
 
-from retina_fast.data.errors import RetinaFastError
 from retina_fast.data.loader import EpochSampler, make_loader
+from retina_fast.engine.coco_backends import (
+    STAT_NAMES, per_class_table, per_class_text, run_cocoeval, summary_text,
+)
+from retina_fast.engine.logging_utils import Progress
 
-_SUMMARY_ROWS = [  # pycocotools' summarize() layout, for the no-detection case
-    ("AP", "IoU=0.50:0.95", "all", 100), ("AP", "IoU=0.50     ", "all", 100),
-    ("AP", "IoU=0.75     ", "all", 100), ("AP", "IoU=0.50:0.95", "small", 100),
-    ("AP", "IoU=0.50:0.95", "medium", 100), ("AP", "IoU=0.50:0.95", "large", 100),
-    ("AR", "IoU=0.50:0.95", "all", 1), ("AR", "IoU=0.50:0.95", "all", 10),
-    ("AR", "IoU=0.50:0.95", "all", 100), ("AR", "IoU=0.50:0.95", "small", 100),
-    ("AR", "IoU=0.50:0.95", "medium", 100), ("AR", "IoU=0.50:0.95", "large", 100),
-]
-STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+__all__ = ["STAT_NAMES", "coco_evaluate", "coco_results", "detect_dataset", "evaluate"]
 
 
-@torch.no_grad()
-def detect_dataset(model, dataset, device="cpu", batch_size: int = 8, workers: int = 0) -> list:
-    """Run ``model`` over ``dataset`` and return detections in COCO results format."""
-    model.eval()
-    sampler = EpochSampler(len(dataset), shuffle=False)
-    loader = make_loader(dataset, batch_size, sampler, num_workers=workers, drop_last=False)
-    results = []
-    for images, targets in loader:
-        outs = model([im.to(device) for im in images])
-        for out, t in zip(outs, targets):
-            boxes = out["boxes"].float().cpu()
-            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-            for b, s, lab in zip(xywh, out["scores"].float().cpu().tolist(), out["labels"].cpu().tolist()):
-                results.append({"image_id": t["image_id"],
-                                "category_id": dataset.label_to_cat_id[int(lab)],
-                                "bbox": [round(v, 2) for v in b], "score": round(float(s), 5)})
-    return results
-
-
-def coco_evaluate(coco_gt, results: list, image_ids=None) -> dict:
-    """COCOeval(bbox) of ``results`` against ``coco_gt`` (a pycocotools COCO).
-
-    Returns ``{"AP": ..., ..., "ARl": ..., "summary": "<the 12 printed lines>"}``. No detections
-    at all gives zeros (pycocotools cannot load an empty result list)."""
-    try:
-        from pycocotools.cocoeval import COCOeval
-    except ImportError:
-        raise RetinaFastError("evaluation needs pycocotools: pip install pycocotools") from None
-    if not results:
-        lines = [f" {'Average Precision' if n.startswith('AP') else 'Average Recall   '}  "
-                 f"({n[:2]}) @[ {iou} | area={area:>6s} | maxDets={md:>3d} ] = 0.000"
-                 for n, iou, area, md in _SUMMARY_ROWS]
-        return {**dict(zip(STAT_NAMES, [0.0] * 12)),
-                "summary": "\n".join(lines + ["(no detections: every AP and AR is 0)"])}
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys in place
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
-        if image_ids is not None:
-            ev.params.imgIds = list(image_ids)
-        ev.evaluate()
-        ev.accumulate()
-    summary = io.StringIO()
-    with contextlib.redirect_stdout(summary):
-        ev.summarize()
-    out = {k: float(v) for k, v in zip(STAT_NAMES, ev.stats)}
-    out["summary"] = summary.getvalue().rstrip()
+def coco_results(det: dict, image_id, label_to_cat_id=None) -> list:
+    """One image's detections (``boxes`` xyxy, ``scores``, ``labels``) in COCO results format:
+    ``bbox`` as ``[x, y, w, h]`` (2 decimals), ``score`` (5 decimals), ``category_id`` mapped
+    from the contiguous label (the label itself without a mapping)."""
+    boxes = det["boxes"].float().cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    out = []
+    for b, s, lab in zip(xywh, det["scores"].float().cpu().tolist(), det["labels"].cpu().tolist()):
+        out.append({"image_id": image_id,
+                    "category_id": label_to_cat_id[int(lab)] if label_to_cat_id is not None else int(lab),
+                    "bbox": [round(v, 2) for v in b], "score": round(float(s), 5)})
     return out
 
 
+@torch.no_grad()
+def detect_dataset(model, dataset, device="cpu", batch_size: int = 8, workers: int = 0,
+                   progress: str = "none") -> list:
+    """Run ``model`` over ``dataset`` and return detections in COCO results format.
+    ``progress``: ``auto``/``bar``/``lines``/``none`` (lines about every tenth of the set)."""
+    model.eval()
+    sampler = EpochSampler(len(dataset), shuffle=False)
+    loader = make_loader(dataset, batch_size, sampler, num_workers=workers, drop_last=False)
+    n_batches = len(loader)
+    bar = Progress(progress, len(dataset), "[eval]", noun="images",
+                   every=batch_size * max(1, round(n_batches / 10)))
+    results, seen = [], 0
+    try:
+        for images, targets in loader:
+            outs = model([im.to(device) for im in images])
+            for out, t in zip(outs, targets):
+                results += coco_results(out, t["image_id"], dataset.label_to_cat_id)
+            seen += len(images)
+            bar.update(seen, force_line=seen == len(images) or seen == len(dataset))
+    finally:
+        bar.close()
+    return results
+
+
+def _metrics(res, gt: dict, image_ids, no_detections: bool) -> dict:
+    out = {k: float(v) for k, v in zip(STAT_NAMES, res.stats)}
+    out["summary"] = summary_text(res.stats) + ("\n(no detections)" if no_detections else "")
+    out["per_class"] = per_class_table(res, gt, image_ids)
+    out["coco_backend"] = res.backend
+    return out
+
+
+def coco_evaluate(coco_gt, results: list, image_ids=None, backend: str = "auto") -> dict:
+    """COCOeval(bbox) of ``results`` against ``coco_gt`` (a COCO instances dict or a
+    pycocotools ``COCO``).
+
+    Returns ``{"AP": ..., ..., "ARl": ..., "summary": "<the 12 printed lines>", "per_class":
+    [...], "coco_backend": ...}``. With no detections at all every AP is 0 (-1 where the
+    ground truth has nothing to find, as COCOeval says)."""
+    gt = coco_gt if isinstance(coco_gt, dict) else coco_gt.dataset
+    return _metrics(run_cocoeval(coco_gt, results, image_ids, backend), gt, image_ids, not results)
+
+
 def evaluate(model, dataset, out_dir: str | None = None, device="cpu", batch_size: int = 8,
-             workers: int = 0, verbose: bool = True) -> dict:
-    results = detect_dataset(model, dataset, device, batch_size, workers)
-    metrics = coco_evaluate(dataset.coco_api(), results, [im["id"] for im in dataset.images])
+             workers: int = 0, verbose: bool = True, progress: str = "none",
+             coco_backend: str = "auto") -> dict:
+    results = detect_dataset(model, dataset, device, batch_size, workers, progress=progress)
+    image_ids = [im["id"] for im in dataset.images]
+    res = run_cocoeval(dataset.dataset, results, image_ids, coco_backend)
+    metrics = _metrics(res, dataset.dataset, image_ids, not results)
     metrics["num_images"] = len(dataset)
     metrics["num_detections"] = len(results)
     if verbose:
         print(metrics["summary"], flush=True)
+        print(per_class_text(metrics["per_class"], metrics), flush=True)
     if out_dir:
+        from retina_fast.engine.plots import plot_pr_curves
+
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "detections.json"), "w") as f:
             json.dump(results, f)
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
+        with open(os.path.join(out_dir, "per_class.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(metrics["per_class"][0]))
+            w.writeheader()
+            w.writerows(metrics["per_class"])
+        plot_pr_curves(res, [r["name"] for r in metrics["per_class"]],
+                       os.path.join(out_dir, "pr_curves.png"))
     return metrics

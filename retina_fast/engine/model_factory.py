@@ -40,7 +40,7 @@ from torch import nn
 from retina_fast.models import AnchorGenerator, FeaturePyramidNetwork, RetinaNet, RetinaNetHead
 from retina_fast.models.backbone import resnet_fpn_backbone
 
-MODEL_NAMES = ("shapes-small", "resnet18-fpn", "resnet50-fpn")
+MODEL_NAMES = ("shapes-small", "resnet18-fpn", "resnet34-fpn", "resnet50-fpn")
 
 # Anchors whose match is background but which lie at least this much inside a crowd box
 # (intersection / anchor area) are ignored (-2) instead of trained as background.

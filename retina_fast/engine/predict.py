@@ -1,4 +1,5 @@
-"""Prediction on image files: detections drawn onto the images (PNG/JPEG) plus a JSON."""
+"""Prediction on image files: detections drawn onto the images (PNG/JPEG), a JSON of what was
+drawn, and every detection in COCO results format."""
 
 from __future__ import annotations
 
@@ -55,42 +56,94 @@ def draw_detections(image: torch.Tensor, det: dict, class_names, score_thresh: f
     return draw_bounding_boxes(image, boxes, labels=names, colors=colors, width=2)
 
 
+def read_image(path: str) -> torch.Tensor:
+    """``uint8 [3, H, W]`` RGB, turned upright by the EXIF orientation tag when it has one
+    (phone photos are stored sideways with a tag that says so)."""
+    from PIL import ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        arr = np.array(im.convert("RGB"))
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def image_ids_for(paths) -> list:
+    """COCO ``image_id`` of each input: the file names when all of them are distinct numbers
+    (COCO's own files: ``000000397133.jpg`` -> 397133), else the 1-based positions."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
+        return [int(s) for s in stems]
+    return list(range(1, len(paths) + 1))
+
+
+def set_input_size(model, min_size: int | None = None, max_size: int | None = None) -> None:
+    """Resize inputs to ``min_size`` (shorter side) and at most ``max_size`` (longer side).
+    ``min_size`` alone scales the model's ``max_size`` by the same factor, keeping its limit
+    on elongated images (shapes-small's 160/160 becomes 320/320 for ``min_size=320``)."""
+    t = model.transform
+    if min_size and not max_size:
+        max_size = round(t.max_size * min_size / t.min_size[-1])
+    if min_size:
+        t.min_size = (int(min_size),)
+    if max_size:
+        t.max_size = int(max_size)
+
+
 @torch.no_grad()
 def predict_images(model, paths, out_dir: str, class_names, device="cpu", score_thresh=0.3,
-                   image_format: str | None = None, label_to_cat_id=None) -> list:
-    """Detect on each image, save ``<out_dir>/<name>.<png|jpg>`` with boxes drawn and
-    ``<out_dir>/predictions.json`` (per image: file, boxes ``xyxy`` in pixels, scores, labels,
-    class names). Unreadable images are skipped with a warning."""
+                   image_format: str | None = None, label_to_cat_id=None, batch_size: int = 1) -> list:
+    """Detect on the images, ``batch_size`` at a time, and save ``<out_dir>/<name>.<png|jpg>``
+    with boxes drawn, ``<out_dir>/predictions.json`` (per image: file, ``image_id``, boxes
+    ``xyxy`` in pixels, scores, labels, class names; detections at or above ``score_thresh``)
+    and ``<out_dir>/coco_results.json`` (every detection the model returns, COCO results
+    format, ``bbox`` as ``[x, y, w, h]``; ids from :func:`image_ids_for`). Images are read
+    upright (EXIF orientation applied); unreadable ones are skipped with a warning."""
+    from retina_fast.engine.evaluate import coco_results
+
     os.makedirs(out_dir, exist_ok=True)
     model.eval()
-    records = []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                arr = np.array(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            log.warning("skipping unreadable image %s (%s)", path, str(e).splitlines()[0][:120])
+    records, results = [], []
+    image_ids = image_ids_for(paths)
+    for start in range(0, len(paths), max(1, int(batch_size))):
+        batch = []
+        for i in range(start, min(start + max(1, int(batch_size)), len(paths))):
+            try:
+                batch.append((i, paths[i], read_image(paths[i])))
+            except (OSError, UnidentifiedImageError, ValueError) as e:
+                log.warning("skipping unreadable image %s (%s)", paths[i], str(e).splitlines()[0][:120])
+        if not batch:
             continue
-        img = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-        det = model([img.float().div(255).to(device)])[0]
-        det = {k: v.cpu() for k, v in det.items()}
-        drawn = draw_detections(img, det, class_names, score_thresh)
-        stem, ext = os.path.splitext(os.path.basename(path))
-        fmt = image_format or ("jpg" if ext.lower() in (".jpg", ".jpeg") else "png")
-        out_path = os.path.join(out_dir, f"{stem}.{fmt}")
-        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out_path)
-        keep = det["scores"] >= score_thresh
-        labels = det["labels"][keep].tolist()
-        rec = {
-            "file": path, "output": out_path, "width": int(img.shape[-1]), "height": int(img.shape[-2]),
-            "boxes": [[round(v, 2) for v in b] for b in det["boxes"][keep].tolist()],
-            "scores": [round(s, 4) for s in det["scores"][keep].tolist()],
-            "labels": labels,
-            "class_names": [class_names[l] if l < len(class_names) else str(l) for l in labels],
-        }
-        if label_to_cat_id is not None:
-            rec["category_ids"] = [label_to_cat_id[l] for l in labels]
-        records.append(rec)
+        dets = model([img.float().div(255).to(device) for _, _, img in batch])
+        for (i, path, img), det in zip(batch, dets):
+            det = {k: v.cpu() for k, v in det.items()}
+            image_id = image_ids[i]
+            results += coco_results(det, image_id, label_to_cat_id)
+            records.append(_save_drawn(img, det, path, image_id, out_dir, class_names,
+                                       score_thresh, image_format, label_to_cat_id))
     with open(os.path.join(out_dir, "predictions.json"), "w") as f:
         json.dump({"score_thresh": score_thresh, "images": records}, f, indent=1)
+    with open(os.path.join(out_dir, "coco_results.json"), "w") as f:
+        json.dump(results, f)
     return records
+
+
+def _save_drawn(img, det, path, image_id, out_dir, class_names, score_thresh, image_format,
+                label_to_cat_id) -> dict:
+    drawn = draw_detections(img, det, class_names, score_thresh)
+    stem, ext = os.path.splitext(os.path.basename(path))
+    fmt = image_format or ("jpg" if ext.lower() in (".jpg", ".jpeg") else "png")
+    out_path = os.path.join(out_dir, f"{stem}.{fmt}")
+    Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out_path)
+    keep = det["scores"] >= score_thresh
+    labels = det["labels"][keep].tolist()
+    rec = {
+        "file": path, "output": out_path, "image_id": image_id,
+        "width": int(img.shape[-1]), "height": int(img.shape[-2]),
+        "boxes": [[round(v, 2) for v in b] for b in det["boxes"][keep].tolist()],
+        "scores": [round(s, 4) for s in det["scores"][keep].tolist()],
+        "labels": labels,
+        "class_names": [class_names[l] if l < len(class_names) else str(l) for l in labels],
+    }
+    if label_to_cat_id is not None:
+        rec["category_ids"] = [label_to_cat_id[l] for l in labels]
+    return rec

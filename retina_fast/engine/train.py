@@ -23,8 +23,12 @@
 * ``time_budget`` (seconds): stop when it is spent, and fit the cosine schedule to it: the total
   iteration count is re-estimated from the measured speed every ``log_every`` iterations, so the
   learning rate reaches its floor as the budget runs out. Such a run is not bit-reproducible.
+* Metrics: every iteration's losses and lr (and img/s every ``log_every``) go to
+  ``<out>/metrics.jsonl`` and, with ``tensorboard``, to TensorBoard scalars
+  (:class:`~retina_fast.engine.logging_utils.MetricsLogger`). ``config``, the run's resolved
+  command-line config (plain types), is kept in the checkpoint under ``"config"``.
 * Progress: a tqdm bar with loss, lr and images/s when stderr is a terminal, otherwise a line
-  every ``log_every`` iterations.
+  every ``log_every`` iterations ending with the estimated time left.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -46,6 +49,7 @@ from retina_fast.engine import distributed as rdist
 from retina_fast.engine.checkpoint import (
     FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state,
 )
+from retina_fast.engine.logging_utils import MetricsLogger, Progress
 from retina_fast.engine.model_factory import build_model, param_groups
 from retina_fast.engine.schedule import WarmupSchedule
 
@@ -84,6 +88,7 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every_epoch: bool = True
     progress: str = "auto"          # auto | bar | lines | none
+    tensorboard: bool = False       # scalars to <out>/tensorboard (needs the tensorboard package)
 
 
 @dataclass
@@ -101,9 +106,17 @@ class TrainResult:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise RetinaFastError(f"device {name!r} is not a device (cpu, cuda, cuda:N or auto)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise RetinaFastError(f"device {name!r} is not supported (cpu, cuda, cuda:N or auto)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RetinaFastError(f"device {name} requested but no CUDA device is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise RetinaFastError(f"device {name} requested but there are only "
+                              f"{torch.cuda.device_count()} CUDA devices")
     return dev
 
 
@@ -125,37 +138,12 @@ def _to_device(images, targets, device):
     return images, targets
 
 
-class _Progress:
-    def __init__(self, mode: str, total: int | None, enabled: bool):
-        self.bar = None
-        if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "lines"
-        self.mode = mode if enabled else "none"
-        if self.mode == "bar":
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, unit="it", dynamic_ncols=True, leave=True)
-            except ImportError:
-                self.mode = "lines"
-
-    def update(self, it, total, stats: dict, force_line=False, log_every=50):
-        if self.mode == "bar":
-            self.bar.total = total
-            self.bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in stats.items()), refresh=False)
-            self.bar.update(1)
-        elif self.mode == "lines" and (force_line or it % log_every == 0):
-            print(f"[train] it {it}/{total} " + " ".join(f"{k}={v}" for k, v in stats.items()), flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None) -> TrainResult:
+def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
+          config: dict | None = None) -> TrainResult:
     """Train; see the module docstring. ``categories`` (COCO dicts ``{"id", "name"}`` in label
     order) go into the checkpoint so evaluation and prediction can map labels back."""
     device = resolve_device(cfg.device)
@@ -256,11 +244,14 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None) -
             "history": history,
             "train_config": dataclasses.asdict(cfg),
             "world_size": world,
+            **({"config": config} if config is not None else {}),
         }, ckpt_path)
         with open(os.path.join(cfg.out_dir, "history.json"), "w") as f:
             json.dump(history, f)
 
-    progress = _Progress(cfg.progress, sched_fn.total_iters, is_main)
+    progress = Progress(cfg.progress, sched_fn.total_iters, "[train]", enabled=is_main,
+                        every=cfg.log_every, start=it)
+    metrics = MetricsLogger(cfg.out_dir, cfg.tensorboard, start_iter=it) if is_main else None
     t0 = time.perf_counter()
     speed_mark = (t0, it)
     stopped_by = "epochs"
@@ -328,7 +319,10 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None) -
                 stats = {"ep": epoch, "loss": f"{rec['loss']:.4f}",
                          **{k[:3]: f"{rec[k]:.4f}" for k in losses.keys()},
                          "lr": f"{lr:.2e}", "img/s": rec.get("img_per_s", "")}
-                progress.update(it, sched_fn.total_iters, stats, force_line=it == 1, log_every=cfg.log_every)
+                progress.update(it, stats, total=sched_fn.total_iters, force_line=it == 1)
+                if metrics is not None:
+                    metrics.log("train", it, {k: v for k, v in rec.items() if k != "iter"},
+                                flush=it % cfg.log_every == 0)
                 if progress_callback is not None and is_main:
                     progress_callback(rec)
 
@@ -344,6 +338,8 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None) -
                 break
     finally:
         progress.close()
+        if metrics is not None:
+            metrics.close()
         # Stop the persistent workers now rather than at interpreter exit.
         del loader
     train_seconds = time.perf_counter() - t0

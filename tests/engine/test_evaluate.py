@@ -8,6 +8,7 @@ from PIL import Image
 
 from retina_fast.data import CocoDetection, eval_transforms
 from retina_fast.engine import STAT_NAMES, detect_dataset, draw_detections, evaluate, predict_images
+from retina_fast.engine.predict import image_ids_for, set_input_size
 
 pytest.importorskip("pycocotools")
 
@@ -77,6 +78,12 @@ def test_perfect_detections_give_ap_1_and_labels_map_back(tmp_path):
     saved = json.load(open(tmp_path / "out" / "metrics.json"))
     assert [saved[k] for k in STAT_NAMES] == [m[k] for k in STAT_NAMES]
     assert json.load(open(tmp_path / "out" / "detections.json")) == res
+    # per class: both classes found perfectly; the crowd box is not a ground truth to find
+    assert [(r["id"], r["name"], r["AP"], r["AP50"], r["num_gt"]) for r in saved["per_class"]] == [
+        (5, "five", 1.0, 1.0, 2), (9, "nine", 1.0, 1.0, 1)]
+    rows = (tmp_path / "out" / "per_class.csv").read_text().splitlines()
+    assert rows[0].startswith("id,name,AP,AP50,AP75,APs,APm,APl,num_gt") and rows[1].startswith("5,five,1.0")
+    assert (tmp_path / "out" / "pr_curves.png").stat().st_size > 1000
 
 
 def test_metrics_equal_pycocotools_on_imperfect_detections(tmp_path):
@@ -118,3 +125,59 @@ def test_predict_draws_and_writes_json(tmp_path):
     assert len(recs) == 2 and recs[0]["class_names"] == ["b"] and recs[0]["boxes"] == [[5, 5, 30, 40]]
     assert os.path.isfile(tmp_path / "pred" / "im0.png") and os.path.isfile(tmp_path / "pred" / "im1.jpg")
     assert json.load(open(tmp_path / "pred" / "predictions.json"))["images"][0]["scores"] == [0.9]
+
+
+class _Recorder(torch.nn.Module):
+    """One box per image, label = image index % 2; records the batches it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def forward(self, images):
+        self.batches.append([im.clone() for im in images])
+        return [{"boxes": torch.tensor([[1.0, 2.0, 11.0, 22.0]]), "scores": torch.tensor([0.8]),
+                 "labels": torch.tensor([i % 2])} for i in range(len(images))]
+
+
+def _with_orientation(path, arr, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # EXIF Orientation: 6 = shown turned 90 degrees clockwise, 8 = counter-clockwise
+    Image.fromarray(arr).save(path, exif=exif)
+
+
+def test_predict_batches_reads_exif_upright_and_writes_coco_results(tmp_path):
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 255, (20, 40, 3), dtype=np.uint8)      # stored 40 wide, 20 high
+    paths = [tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "c.png"]
+    _with_orientation(paths[0], raw, 6)
+    _with_orientation(paths[1], raw, 8)
+    Image.fromarray(raw).save(paths[2])                         # no tag: as stored
+    model = _Recorder()
+    recs = predict_images(model, [str(p) for p in paths], str(tmp_path / "pred"), ["x", "y"],
+                          score_thresh=0.5, label_to_cat_id={0: 7, 1: 9}, batch_size=2)
+    assert [len(b) for b in model.batches] == [2, 1]
+    seen = [im for b in model.batches for im in b]
+    assert [tuple(im.shape) for im in seen] == [(3, 40, 20), (3, 40, 20), (3, 20, 40)]
+    # PNG is lossless: the model saw exactly the stored pixels turned clockwise
+    upright = torch.from_numpy(np.rot90(raw, k=-1).copy()).permute(2, 0, 1).float() / 255
+    assert torch.equal(seen[0], upright)
+    assert [(r["width"], r["height"], r["image_id"]) for r in recs] == [(20, 40, 1), (20, 40, 2), (40, 20, 3)]
+    drawn = Image.open(tmp_path / "pred" / "b.jpg")
+    assert drawn.height == 2 * drawn.width                     # drawn upright too
+    results = json.load(open(tmp_path / "pred" / "coco_results.json"))
+    assert results == [{"image_id": i, "category_id": c, "bbox": [1.0, 2.0, 10.0, 20.0], "score": 0.8}
+                       for i, c in ((1, 7), (2, 9), (3, 7))]
+
+
+def test_prediction_image_ids_and_input_size():
+    assert image_ids_for(["val/000000397133.jpg", "12.png"]) == [397133, 12]
+    assert image_ids_for(["a.png", "1.png"]) == [1, 2]          # not all numbers: positions
+    assert image_ids_for(["x/1.png", "y/1.jpg"]) == [1, 2]      # the same number twice: positions
+    from retina_fast.engine import build_model
+
+    m = build_model("shapes-small", 3)                          # 160 / 160
+    set_input_size(m, 320)
+    assert (m.transform.min_size, m.transform.max_size) == ((320,), 320)
+    set_input_size(m, 200, 500)
+    assert (m.transform.min_size, m.transform.max_size) == ((200,), 500)
