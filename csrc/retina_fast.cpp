@@ -4,9 +4,14 @@
 // (retina_fast/ops/*.py).
 #include <torch/library.h>
 
+#include <string>
+
+#include "common/cpu_dispatch.h"
 #include "nms/nms_tuning.h"
 
 namespace retina_fast {
+
+std::string cpu_isa_str() { return cpu_isa_name(cpu_isa()); }
 
 bool cuda_built() {
 #ifdef RETINA_FAST_WITH_CUDA
@@ -20,6 +25,8 @@ bool cuda_built() {
 
 TORCH_LIBRARY(retina_fast, m) {
   m.def("_cuda_built() -> bool", &retina_fast::cuda_built);
+  // The CPU kernel variant in use: "avx512", "avx2" or "baseline" (csrc/common/cpu_dispatch.h).
+  m.def("_cpu_isa() -> str", &retina_fast::cpu_isa_str);
   // Test hook: the CUDA NMS scan's shared-memory budget in bytes (< 0: only read it); returns
   // the previous value. See csrc/nms/nms_tuning.h.
   m.def("_nms_scan_shared_limit(int bytes) -> int", &retina_fast::nms::set_scan_shared_limit);

@@ -25,3 +25,9 @@ else:
 def cuda_built() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
     return bool(torch.ops.retina_fast._cuda_built())
+
+
+def cpu_isa() -> str:
+    """The CPU kernels' instruction set in use: "avx512", "avx2" or "baseline" (the widest the
+    CPU supports, or a narrower one named by RETINA_FAST_CPU_ISA, read once per process)."""
+    return str(torch.ops.retina_fast._cpu_isa())

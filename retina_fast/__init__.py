@@ -4,12 +4,12 @@ Importing the package loads the compiled kernels (``torch.ops.retina_fast.*``) a
 fake/autograd registrations; ``retina_fast.ops`` holds the public op API.
 """
 
-from retina_fast._C_loader import cuda_built
+from retina_fast._C_loader import cpu_isa, cuda_built
 from retina_fast import ops
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "cuda_built", "patch_torchvision", "unpatch_torchvision", "patched_torchvision", "__version__"]
+__all__ = ["ops", "cuda_built", "cpu_isa", "patch_torchvision", "unpatch_torchvision", "patched_torchvision", "__version__"]
 
 
 _LAZY = {"patch_torchvision", "unpatch_torchvision", "patched_torchvision"}

@@ -39,7 +39,7 @@ constexpr int kLanes = 8;
 // Pass 1 span: update the running best (bv, bi) of n anchors with gt `g`; returns the
 // NaN-propagating max IoU of the span.
 template <typename acc_t, typename Round>
-inline acc_t best_span(acc_t gx1, acc_t gy1, acc_t gx2, acc_t gy2, acc_t ga, const acc_t* x1,
+HOST_DEVICE_INLINE acc_t best_span(acc_t gx1, acc_t gy1, acc_t gx2, acc_t gy2, acc_t ga, const acc_t* x1,
                        const acc_t* y1, const acc_t* x2, const acc_t* y2, const acc_t* ar,
                        int64_t n, acc_t* bv, int32_t* bi, int32_t g) {
   const Round r;
@@ -72,7 +72,7 @@ inline acc_t best_span(acc_t gx1, acc_t gy1, acc_t gx2, acc_t gy2, acc_t ga, con
 
 // Pass 2 span: hit[i] |= (IoU == target).
 template <typename acc_t, typename Round>
-inline void tie_span(acc_t gx1, acc_t gy1, acc_t gx2, acc_t gy2, acc_t ga, const acc_t* x1,
+HOST_DEVICE_INLINE void tie_span(acc_t gx1, acc_t gy1, acc_t gx2, acc_t gy2, acc_t ga, const acc_t* x1,
                      const acc_t* y1, const acc_t* x2, const acc_t* y2, const acc_t* ar,
                      int64_t n, acc_t target, uint8_t* hit) {
   const Round r;
@@ -84,7 +84,7 @@ inline void tie_span(acc_t gx1, acc_t gy1, acc_t gx2, acc_t gy2, acc_t ga, const
 
 // One row of box_iou.
 template <typename acc_t, typename Round>
-inline void iou_row(acc_t gx1, acc_t gy1, acc_t gx2, acc_t gy2, acc_t ga, const acc_t* x1,
+HOST_DEVICE_INLINE void iou_row(acc_t gx1, acc_t gy1, acc_t gx2, acc_t gy2, acc_t ga, const acc_t* x1,
                     const acc_t* y1, const acc_t* x2, const acc_t* y2, const acc_t* ar,
                     int64_t n, acc_t* out) {
   const Round r;
@@ -93,23 +93,38 @@ inline void iou_row(acc_t gx1, acc_t gy1, acc_t gx2, acc_t gy2, acc_t ga, const 
 }
 
 // float32 entry points with an AVX2 clone (the hot loops).
-RF_TARGET_CLONES float best_span_f32(float gx1, float gy1, float gx2, float gy2, float ga,
+HOST_DEVICE_INLINE float best_span_f32_impl(float gx1, float gy1, float gx2, float gy2, float ga,
                                      const float* x1, const float* y1, const float* x2,
                                      const float* y2, const float* ar, int64_t n, float* bv,
                                      int32_t* bi, int32_t g) {
   return best_span<float, IdentityRound>(gx1, gy1, gx2, gy2, ga, x1, y1, x2, y2, ar, n, bv, bi, g);
 }
-RF_TARGET_CLONES void tie_span_f32(float gx1, float gy1, float gx2, float gy2, float ga,
+RF_CPU_DISPATCH(float, best_span_f32,
+                (float gx1, float gy1, float gx2, float gy2, float ga, const float* x1,
+                const float* y1, const float* x2, const float* y2, const float* ar, int64_t n,
+                float* bv, int32_t* bi, int32_t g),
+                (gx1, gy1, gx2, gy2, ga, x1, y1, x2, y2, ar, n, bv, bi, g))
+HOST_DEVICE_INLINE void tie_span_f32_impl(float gx1, float gy1, float gx2, float gy2, float ga,
                                    const float* x1, const float* y1, const float* x2,
                                    const float* y2, const float* ar, int64_t n, float target,
                                    uint8_t* hit) {
   tie_span<float, IdentityRound>(gx1, gy1, gx2, gy2, ga, x1, y1, x2, y2, ar, n, target, hit);
 }
-RF_TARGET_CLONES void iou_row_f32(float gx1, float gy1, float gx2, float gy2, float ga,
+RF_CPU_DISPATCH(void, tie_span_f32,
+                (float gx1, float gy1, float gx2, float gy2, float ga, const float* x1,
+                const float* y1, const float* x2, const float* y2, const float* ar, int64_t n,
+                float target, uint8_t* hit),
+                (gx1, gy1, gx2, gy2, ga, x1, y1, x2, y2, ar, n, target, hit))
+HOST_DEVICE_INLINE void iou_row_f32_impl(float gx1, float gy1, float gx2, float gy2, float ga,
                                   const float* x1, const float* y1, const float* x2,
                                   const float* y2, const float* ar, int64_t n, float* out) {
   iou_row<float, IdentityRound>(gx1, gy1, gx2, gy2, ga, x1, y1, x2, y2, ar, n, out);
 }
+RF_CPU_DISPATCH(void, iou_row_f32,
+                (float gx1, float gy1, float gx2, float gy2, float ga, const float* x1,
+                const float* y1, const float* x2, const float* y2, const float* ar, int64_t n,
+                float* out),
+                (gx1, gy1, gx2, gy2, ga, x1, y1, x2, y2, ar, n, out))
 
 // Dispatch to the float32 clones where scalar_t is float; generic templates otherwise.
 template <typename scalar_t>

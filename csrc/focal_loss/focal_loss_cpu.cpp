@@ -87,27 +87,39 @@ HOST_DEVICE_INLINE void grad2_span(const float* x, const float* t, const float* 
     default: span<Gamma::General>(__VA_ARGS__); break;                    \
   }
 
-RF_TARGET_CLONES void loss_span_f32(const float* x, const float* t, float tc, float tcec, float* out,
+HOST_DEVICE_INLINE void loss_span_f32_impl(const float* x, const float* t, float tc, float tcec, float* out,
                                     int64_t n, float alpha, float gamma, Gamma kind) {
   const Params<float> p{alpha, gamma};
   RF_SPAN_SWITCH(kind, loss_span, x, t, tc, tcec, out, n, p)
 }
+RF_CPU_DISPATCH(void, loss_span_f32,
+                (const float* x, const float* t, float tc, float tcec, float* out, int64_t n,
+                float alpha, float gamma, Gamma kind),
+                (x, t, tc, tcec, out, n, alpha, gamma, kind))
 
-RF_TARGET_CLONES void grad_span_f32(const float* x, const float* t, float tc, float tcec, const float* g,
+HOST_DEVICE_INLINE void grad_span_f32_impl(const float* x, const float* t, float tc, float tcec, const float* g,
                                     float gs, float* out, int64_t n, float alpha, float gamma,
                                     Gamma kind) {
   const Params<float> p{alpha, gamma};
   RF_SPAN_SWITCH(kind, grad_span, x, t, tc, tcec, g, gs, out, n, p)
 }
+RF_CPU_DISPATCH(void, grad_span_f32,
+                (const float* x, const float* t, float tc, float tcec, const float* g, float gs,
+                float* out, int64_t n, float alpha, float gamma, Gamma kind),
+                (x, t, tc, tcec, g, gs, out, n, alpha, gamma, kind))
 
-RF_TARGET_CLONES void grad2_span_f32(const float* x, const float* t, const float* g, float gs, float* ox,
+HOST_DEVICE_INLINE void grad2_span_f32_impl(const float* x, const float* t, const float* g, float gs, float* ox,
                                      float* ot, int64_t n, float alpha, float gamma, Gamma kind) {
   const Params<float> p{alpha, gamma};
   RF_SPAN_SWITCH(kind, grad2_span, x, t, g, gs, ox, ot, n, p)
 }
+RF_CPU_DISPATCH(void, grad2_span_f32,
+                (const float* x, const float* t, const float* g, float gs, float* ox, float* ot,
+                int64_t n, float alpha, float gamma, Gamma kind),
+                (x, t, g, gs, ox, ot, n, alpha, gamma, kind))
 
 // Sum of n floats in 16 independent lanes (vectorisable without reassociation), then double.
-RF_TARGET_CLONES double sum_span_f32(const float* v, int64_t n) {
+HOST_DEVICE_INLINE double sum_span_f32_impl(const float* v, int64_t n) {
   float lanes[16] = {0.f};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
@@ -118,6 +130,7 @@ RF_TARGET_CLONES double sum_span_f32(const float* v, int64_t n) {
   for (; i < n; ++i) s += v[i];
   return s;
 }
+RF_CPU_DISPATCH(double, sum_span_f32, (const float* v, int64_t n), (v, n))
 
 // ---------------------------------------------------------------- per-dtype chunk adapters
 // acc_t: float for float/half/bfloat16, double for double.

@@ -51,7 +51,7 @@ struct KeptBoxes {
 // Does any of the m kept boxes overlap c (area ca) with IoU > thr? Blocks of 32 without early
 // exit inside, so the compiler vectorises the IoU (no -ffast-math: NaN semantics stay).
 template <typename F>
-inline bool any_iou_above_impl(const F* x1, const F* y1, const F* x2, const F* y2, const F* ar,
+HOST_DEVICE_INLINE bool any_iou_above_impl(const F* x1, const F* y1, const F* x2, const F* y2, const F* ar,
                                int64_t m, const F* c, F ca, F thr) {
   constexpr int64_t kStep = 32;
   for (int64_t k0 = 0; k0 < m; k0 += kStep) {
@@ -66,12 +66,16 @@ inline bool any_iou_above_impl(const F* x1, const F* y1, const F* x2, const F* y
   return false;
 }
 
-RF_TARGET_CLONES inline bool any_iou_above_f32(const float* x1, const float* y1,
+HOST_DEVICE_INLINE bool any_iou_above_f32_impl(const float* x1, const float* y1,
                                                    const float* x2, const float* y2,
                                                    const float* ar, int64_t m, const float* c,
                                                    float ca, float thr) {
   return any_iou_above_impl<float>(x1, y1, x2, y2, ar, m, c, ca, thr);
 }
+RF_CPU_DISPATCH(bool, any_iou_above_f32,
+                (const float* x1, const float* y1, const float* x2, const float* y2,
+                const float* ar, int64_t m, const float* c, float ca, float thr),
+                (x1, y1, x2, y2, ar, m, c, ca, thr))
 
 template <typename F>
 inline bool any_iou_above(const KeptBoxes<F>& k, const F* c, F ca, F thr) {
@@ -102,7 +106,7 @@ struct Cell {
 };
 
 template <typename F>
-inline bool cell_hit_impl(const F* d, int64_t nblk, const F* c, F ca, F thr) {
+HOST_DEVICE_INLINE bool cell_hit_impl(const F* d, int64_t nblk, const F* c, F ca, F thr) {
   constexpr int L = Cell<F>::kLanes;
   for (int64_t k = 0; k < nblk; ++k) {
     const F* blk = d + k * 5 * L;
@@ -116,10 +120,13 @@ inline bool cell_hit_impl(const F* d, int64_t nblk, const F* c, F ca, F thr) {
   return false;
 }
 
-RF_TARGET_CLONES inline bool cell_hit_f32(const float* d, int64_t nblk, const float* c,
+HOST_DEVICE_INLINE bool cell_hit_f32_impl(const float* d, int64_t nblk, const float* c,
                                               float ca, float thr) {
   return cell_hit_impl<float>(d, nblk, c, ca, thr);
 }
+RF_CPU_DISPATCH(bool, cell_hit_f32,
+                (const float* d, int64_t nblk, const float* c, float ca, float thr),
+                (d, nblk, c, ca, thr))
 
 template <typename F>
 inline bool cell_hit(const Cell<F>& cell, const F* c, F ca, F thr) {

@@ -34,7 +34,7 @@ constexpr int64_t kScanChunk = int64_t(1) << 18;  // logits per scan task
 
 // Flat indices i in [begin, end) with x[i] >= cut, appended to out. (>=: with cut = -inf, for
 // a threshold < 0, -inf logits, whose score 0 passes, must not be dropped here.)
-RF_TARGET_CLONES void scan_f32(const float* x, int64_t begin, int64_t end, float cut,
+HOST_DEVICE_INLINE void scan_f32_impl(const float* x, int64_t begin, int64_t end, float cut,
                                    std::vector<int64_t>& out) {
   int64_t i = begin;
   for (; i + 16 <= end; i += 16) {
@@ -49,6 +49,9 @@ RF_TARGET_CLONES void scan_f32(const float* x, int64_t begin, int64_t end, float
     if (x[i] >= cut) out.push_back(i);
   }
 }
+RF_CPU_DISPATCH(void, scan_f32,
+                (const float* x, int64_t begin, int64_t end, float cut, std::vector<int64_t>& out),
+                (x, begin, end, cut, out))
 
 template <typename scalar_t>
 void scan(const scalar_t* x, int64_t begin, int64_t end, float cut, std::vector<int64_t>& out) {
