@@ -109,12 +109,45 @@ std::tuple<at::Tensor, at::Tensor> batched_nms_multi_cpu(
   return {out, counts};
 }
 
+// Quantized boxes and scores, as torchvision's quantized CPU NMS takes them: the IoU of the
+// integer representations in float (a shared scale and zero point cancel in every width,
+// height and ratio) and the order of the integer scores (scale > 0 keeps it). So the kept
+// indices are those of nms() on the dequantized tensors where the dequantized IoUs round as the
+// integer ones do (always for 8-bit types and integer scales), and torchvision's up to score
+// ties (many here: 8-bit scores take at most 256 values), which ours breaks by lower index.
+// Per-channel quantization is refused: with a zero point per coordinate the integers' IoU is
+// not the boxes' (torchvision computes it anyway).
+at::Tensor nms_quantized_cpu(const at::Tensor& boxes, const at::Tensor& scores,
+                             double iou_threshold) {
+  const char* op = "retina_fast::nms";
+  TORCH_CHECK(boxes.is_quantized() && scores.is_quantized(), op,
+              ": expected boxes and scores both quantized or both floating point, got boxes of ",
+              boxes.scalar_type(), " and scores of ", scores.scalar_type());
+  TORCH_CHECK(boxes.scalar_type() == scores.scalar_type(), op,
+              ": expected quantized boxes and scores of the same dtype, got ",
+              boxes.scalar_type(), " and ", scores.scalar_type());
+  for (const at::Tensor* t : {&boxes, &scores}) {
+    TORCH_CHECK(t->qscheme() == at::kPerTensorAffine, op,
+                ": expected per-tensor affine quantization (one scale and zero point, which "
+                "cancel in the IoU), got ", c10::toString(t->qscheme()), " for ",
+                t == &boxes ? "boxes" : "scores");
+  }
+  // float coordinates are exact for 8-bit integers (torchvision computes in float too);
+  // double scores keep every qint32 value distinct
+  return nms_cpu(boxes.int_repr().to(at::kFloat), scores.int_repr().to(at::kDouble),
+                 iou_threshold);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retina_fast, CPU, m) {
   m.impl("nms", &nms_cpu);
   m.impl("batched_nms", &batched_nms_cpu);
   m.impl("batched_nms_multi", &batched_nms_multi_cpu);
+}
+
+TORCH_LIBRARY_IMPL(retina_fast, QuantizedCPU, m) {
+  m.impl("nms", &nms_quantized_cpu);
 }
 
 }  // namespace nms

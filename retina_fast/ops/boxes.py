@@ -7,7 +7,7 @@ coder may differ from torch's vectorised versions by an ulp.
 """
 
 import math
-from typing import NamedTuple, Sequence, Tuple
+from typing import List, NamedTuple, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -29,20 +29,97 @@ _ops = torch.ops.retina_fast
 DEFAULT_CLIP = math.log(1000.0 / 16)
 
 
-def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Drop-in for :func:`torchvision.ops.box_iou` (``xyxy``), one pass, no temporaries.
+def _to_xyxy(boxes: Tensor, fmt: str) -> Tensor:
+    # In the boxes' own dtype, as torchvision forms x1 + w (and cx -/+ w / 2) before comparing.
+    if fmt == "xywh":
+        return torch.cat([boxes[..., :2], boxes[..., :2] + boxes[..., 2:]], -1)
+    half = boxes[..., 2:] / 2
+    return torch.cat([boxes[..., :2] - half, boxes[..., :2] + half], -1)
+
+
+def _broadcast_lead(a: List[int], b: List[int]) -> List[int]:
+    n = max(len(a), len(b))
+    a = [1] * (n - len(a)) + a
+    b = [1] * (n - len(b)) + b
+    out: List[int] = []
+    for x, y in zip(a, b):
+        if x != y and x != 1 and y != 1:
+            raise ValueError(f"box_iou: the leading dimensions {a} and {b} of the two sets of boxes do not broadcast")
+        out.append(y if x == 1 else x)
+    return out
+
+
+@torch.jit.unused
+def _rotated_box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str) -> Tensor:
+    import torchvision  # rotated boxes: torchvision's own kernel (not under TorchScript)
+
+    return torchvision.ops.box_iou(boxes1, boxes2, fmt=fmt)
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
+    """Drop-in for :func:`torchvision.ops.box_iou`, one pass, no temporaries.
 
     Args:
-        boxes1 (Tensor[N, 4]): float32/float64/float16/bfloat16 boxes.
-        boxes2 (Tensor[M, 4]): same device; dtypes are promoted as torch promotes them.
+        boxes1 (Tensor[..., N, 4]): float32/float64/float16/bfloat16 or integer boxes.
+        boxes2 (Tensor[..., M, 4]): same device; leading dimensions broadcast against
+            boxes1's (one kernel call per batch entry).
+        fmt: ``"xyxy"`` (default), ``"xywh"`` (x1, y1, w, h) or ``"cxcywh"`` (cx, cy, w, h);
+            torchvision's rotated formats (``"cxcywhr"``, ``"xywhr"``, ``"xyxyxyxy"``) are
+            passed on to torchvision's own kernel (eager only, not under TorchScript).
 
     Returns:
-        Tensor[N, M]: IoU, float32 (float64 for float64 boxes; 16-bit boxes give float32, as
-        torchvision upcasts). Bitwise equal to torchvision: ``inter / union`` with no
-        epsilon, so a zero union (two zero-area boxes) gives NaN exactly where torchvision
-        does.
+        Tensor[..., N, M]: IoU, float32, or float64 when either set is float64 (16-bit boxes
+        give float32, as torchvision upcasts; integer boxes give float32, or the other set's
+        float dtype). ``"xyxy"`` float boxes: bitwise torchvision's ``inter / union``, no
+        epsilon, so a zero union (two zero-area boxes) gives NaN exactly where torchvision's
+        does. Integer boxes are computed exactly in float64 and rounded once to float32:
+        bitwise torchvision's wherever its integer intersection and union are below 2^24
+        (coordinates up to ~4,000), more exact beyond (torchvision's int32 products overflow
+        past 46,340). ``"xywh"``/``"cxcywh"``: the boxes become ``xyxy`` in their dtype (x1 +
+        w rounded as torchvision rounds it), and the area is ``(x2 - x1) * (y2 - y1)``
+        where torchvision takes ``w * h``: equal up to a few ulps, not bitwise.
     """
-    return _ops.box_iou(boxes1, boxes2)
+    if fmt != "xyxy" and fmt != "xywh" and fmt != "cxcywh":  # (tuple constants do not script)
+        if fmt == "cxcywhr" or fmt == "xywhr" or fmt == "xyxyxyxy":
+            return _rotated_box_iou(boxes1, boxes2, fmt)
+        raise ValueError(
+            f"Unsupported format '{fmt}'. Supported axis-aligned formats: ('xyxy', 'xywh', 'cxcywh'). "
+            "Supported rotated formats (through torchvision): ('cxcywhr', 'xywhr', 'xyxyxyxy')."
+        )
+    int1 = not boxes1.is_floating_point()
+    int2 = not boxes2.is_floating_point()
+    if int1 or int2:
+        if boxes1.dtype == torch.bool or boxes2.dtype == torch.bool:
+            raise ValueError(f"box_iou: expected numeric boxes, got {boxes1.dtype} and {boxes2.dtype}")
+        if int1 and int2:
+            # every integer intersection and union exact in float64, one rounding to float32
+            return _float_box_iou(boxes1.to(torch.float64), boxes2.to(torch.float64), fmt).to(torch.float32)
+        if int1:
+            boxes1 = boxes1.to(boxes2.dtype)
+        else:
+            boxes2 = boxes2.to(boxes1.dtype)
+    return _float_box_iou(boxes1, boxes2, fmt)
+
+
+def _float_box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str) -> Tensor:
+    if fmt != "xyxy":
+        boxes1 = _to_xyxy(boxes1, fmt)
+        boxes2 = _to_xyxy(boxes2, fmt)
+    if boxes1.dim() == 2 and boxes2.dim() == 2:
+        return _ops.box_iou(boxes1, boxes2)
+    if boxes1.dim() < 2 or boxes2.dim() < 2:
+        raise ValueError(
+            f"box_iou: expected boxes of shape [..., N, 4] and [..., M, 4], got {list(boxes1.shape)} "
+            f"and {list(boxes2.shape)}"
+        )
+    N, M = boxes1.shape[-2], boxes2.shape[-2]
+    lead = _broadcast_lead(list(boxes1.shape[:-2]), list(boxes2.shape[:-2]))
+    b1 = boxes1.expand(lead + [N, boxes1.shape[-1]]).reshape(-1, N, boxes1.shape[-1])
+    b2 = boxes2.expand(lead + [M, boxes2.shape[-1]]).reshape(-1, M, boxes2.shape[-1])
+    outs = [_ops.box_iou(b1[i], b2[i]) for i in range(b1.shape[0])]
+    if len(outs) == 0:  # an empty batch: the dtype (and the shape checks) of one call
+        return _ops.box_iou(b1.reshape(-1, b1.shape[-1])[:0], b2.reshape(-1, b2.shape[-1])[:0]).new_empty(lead + [N, M])
+    return torch.stack(outs).reshape(lead + [N, M])
 
 
 def grid_anchors(

@@ -50,13 +50,17 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Drop-in for :func:`torchvision.ops.nms`.
 
     Args:
-        boxes (Tensor[N, 4]): ``(x1, y1, x2, y2)``, float16/bfloat16/float32/float64.
-        scores (Tensor[N]): floating scores.
+        boxes (Tensor[N, 4]): ``(x1, y1, x2, y2)``, float16/bfloat16/float32/float64, or
+            quantized (quint8/qint8/qint32, per-tensor) on the CPU together with quantized
+            scores of the same dtype, as torchvision's quantized kernel takes them.
+        scores (Tensor[N]): floating scores (quantized with quantized boxes).
         iou_threshold (float): suppress boxes with IoU > iou_threshold.
 
     Returns:
         Tensor[M], int64: indices of the kept boxes in descending score order (lower index
-        first among equal scores).
+        first among equal scores). Quantized inputs: the IoU of the integer representations
+        (scale and zero point cancel), in float as torchvision computes it, so the result is
+        ``nms`` of the dequantized tensors (exactly, for 8-bit types with integer scales).
     """
     return _ops.nms(boxes, scores, float(iou_threshold))
 
@@ -71,7 +75,12 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
 
     Returns:
         Tensor[M], int64: kept indices in descending score order (ties: lower index first).
+        Empty boxes (``numel() == 0``, any shape) give an empty int64 tensor on their device
+        whatever the other arguments are, as torchvision's does (its tests call
+        ``batched_nms(torch.empty((0,)), None, None, None)``).
     """
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     return _ops.batched_nms(boxes, scores, idxs, float(iou_threshold))
 
 
