@@ -30,7 +30,6 @@ DEFAULT_CLIP = math.log(1000.0 / 16)
 
 
 def _to_xyxy(boxes: Tensor, fmt: str) -> Tensor:
-    # In the boxes' own dtype, as torchvision forms x1 + w (and cx -/+ w / 2) before comparing.
     if fmt == "xywh":
         return torch.cat([boxes[..., :2], boxes[..., :2] + boxes[..., 2:]], -1)
     half = boxes[..., 2:] / 2
@@ -68,16 +67,21 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
             passed on to torchvision's own kernel (eager only, not under TorchScript).
 
     Returns:
-        Tensor[..., N, M]: IoU, float32, or float64 when either set is float64 (16-bit boxes
-        give float32, as torchvision upcasts; integer boxes give float32, or the other set's
-        float dtype). ``"xyxy"`` float boxes: bitwise torchvision's ``inter / union``, no
-        epsilon, so a zero union (two zero-area boxes) gives NaN exactly where torchvision's
-        does. Integer boxes are computed exactly in float64 and rounded once to float32:
-        bitwise torchvision's wherever its integer intersection and union are below 2^24
-        (coordinates up to ~4,000), more exact beyond (torchvision's int32 products overflow
-        past 46,340). ``"xywh"``/``"cxcywh"``: the boxes become ``xyxy`` in their dtype (x1 +
-        w rounded as torchvision rounds it), and the area is ``(x2 - x1) * (y2 - y1)``
-        where torchvision takes ``w * h``: equal up to a few ulps, not bitwise.
+        Tensor[..., N, M]: IoU, float32, or float64 when either set is float64 (16-bit and
+        integer boxes give float32, as in torchvision).
+
+        * ``"xyxy"`` float boxes: bitwise torchvision's ``inter / union``, no epsilon, so a
+          zero union (two zero-area boxes) gives NaN exactly where torchvision's does.
+        * Integer boxes (both sets): computed exactly in float64 and rounded once to float32:
+          bitwise torchvision's wherever its integer intersection and union are below 2^24
+          (coordinates up to ~4,000); past that more exact (torchvision's int32 products
+          overflow past 46,340, and its 8-bit differences wrap around).
+        * Integer boxes with float boxes: the integers are converted to the float dtype (to
+          float32 beside 16-bit boxes, where torchvision rounds them to 16 bits).
+        * ``"xywh"``/``"cxcywh"``: converted to corners in float64 and computed there (x1 + w
+          exact), then rounded once to the result dtype. torchvision forms x1 + w in the
+          boxes' dtype and takes the area as w * h, so the two agree to that rounding (float64:
+          a few ulps; float32: ~ulp(x1 + w) / w; 16-bit boxes much less closely), not bitwise.
     """
     if fmt != "xyxy" and fmt != "xywh" and fmt != "cxcywh":  # (tuple constants do not script)
         if fmt == "cxcywhr" or fmt == "xywhr" or fmt == "xyxyxyxy":
@@ -86,25 +90,25 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
             f"Unsupported format '{fmt}'. Supported axis-aligned formats: ('xyxy', 'xywh', 'cxcywh'). "
             "Supported rotated formats (through torchvision): ('cxcywhr', 'xywhr', 'xyxyxyxy')."
         )
-    int1 = not boxes1.is_floating_point()
-    int2 = not boxes2.is_floating_point()
-    if int1 or int2:
-        if boxes1.dtype == torch.bool or boxes2.dtype == torch.bool:
-            raise ValueError(f"box_iou: expected numeric boxes, got {boxes1.dtype} and {boxes2.dtype}")
-        if int1 and int2:
-            # every integer intersection and union exact in float64, one rounding to float32
-            return _float_box_iou(boxes1.to(torch.float64), boxes2.to(torch.float64), fmt).to(torch.float32)
-        if int1:
-            boxes1 = boxes1.to(boxes2.dtype)
-        else:
-            boxes2 = boxes2.to(boxes1.dtype)
-    return _float_box_iou(boxes1, boxes2, fmt)
-
-
-def _float_box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str) -> Tensor:
+    if boxes1.dtype == torch.bool or boxes2.dtype == torch.bool:
+        raise ValueError(f"box_iou: expected numeric boxes, got {boxes1.dtype} and {boxes2.dtype}")
+    float1, float2 = boxes1.is_floating_point(), boxes2.is_floating_point()
+    if fmt == "xyxy" and float1 and float2:
+        return _batched_box_iou(boxes1, boxes2)
+    if fmt == "xyxy" and (float1 or float2):
+        # one integer set beside a float one: the integers in that float dtype (at least float32)
+        like = boxes2.dtype if float2 else boxes1.dtype
+        like = torch.float64 if like == torch.float64 else torch.float32
+        return _batched_box_iou(boxes1.to(like), boxes2.to(like))
+    # both integer (exact in float64), or xywh / cxcywh (corners exact in float64)
+    out_dtype = torch.float64 if boxes1.dtype == torch.float64 or boxes2.dtype == torch.float64 else torch.float32
+    b1, b2 = boxes1.to(torch.float64), boxes2.to(torch.float64)
     if fmt != "xyxy":
-        boxes1 = _to_xyxy(boxes1, fmt)
-        boxes2 = _to_xyxy(boxes2, fmt)
+        b1, b2 = _to_xyxy(b1, fmt), _to_xyxy(b2, fmt)
+    return _batched_box_iou(b1, b2).to(out_dtype)
+
+
+def _batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     if boxes1.dim() == 2 and boxes2.dim() == 2:
         return _ops.box_iou(boxes1, boxes2)
     if boxes1.dim() < 2 or boxes2.dim() < 2:
