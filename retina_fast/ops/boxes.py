@@ -7,7 +7,7 @@ coder may differ from torch's vectorised versions by an ulp.
 """
 
 import math
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import List, NamedTuple, Tuple
 
 import torch
 from torch import Tensor
@@ -127,9 +127,9 @@ def _batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 
 
 def grid_anchors(
-    cell_anchors: Sequence[Tensor],
-    grid_sizes: Sequence[Sequence[int]],
-    strides: Sequence[Sequence[int]],
+    cell_anchors: List[Tensor],
+    grid_sizes: List[List[int]],
+    strides: List[List[int]],
 ) -> Tensor:
     """All levels' anchors in one kernel, as ``torchvision AnchorGenerator.grid_anchors``
     concatenated over levels.
@@ -137,7 +137,7 @@ def grid_anchors(
     Args:
         cell_anchors: per level a Tensor[n_l, 4] of zero-centred cell anchors (the dtype and
             device of the output).
-        grid_sizes: per level ``(h, w)`` of the feature map.
+        grid_sizes: per level ``(h, w)`` of the feature map (any sequences of two ints).
         strides: per level ``(stride_h, stride_w)`` in pixels (torchvision:
             ``image_size // grid_size``).
 
@@ -150,8 +150,12 @@ def grid_anchors(
         raise ValueError("grid_anchors: expected at least one level of cell anchors")
     cells = torch.cat(list(cell_anchors), 0)
     counts = [int(c.shape[0]) for c in cell_anchors]
-    gs = [int(v) for g in grid_sizes for v in g]
-    st = [int(v) for s in strides for v in s]
+    gs: List[int] = []
+    st: List[int] = []
+    for g in grid_sizes:  # (plain loops: TorchScript compiles them)
+        gs += [int(g[0]), int(g[1])]
+    for s in strides:
+        st += [int(s[0]), int(s[1])]
     return _ops.grid_anchors(cells, counts, gs, st)
 
 

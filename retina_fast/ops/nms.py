@@ -34,7 +34,7 @@ list of dicts) reads the counts on the host, which needs a graph break (and on C
 device-to-host synchronisation of the post-processing).
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -117,18 +117,19 @@ def batched_nms_multi(
     return _ops.batched_nms_multi(boxes, scores, idxs, image_ids, int(num_images), float(iou_threshold), int(max_per_image))
 
 
-def _sizes_tensor(image_sizes, batch: int, device) -> Tensor:
+def _sizes_tensor(image_sizes: Union[Tensor, List[Tuple[int, int]]], device: torch.device) -> Tensor:
     if isinstance(image_sizes, Tensor):
         return image_sizes.to(device=device, dtype=torch.long)
-    return torch.tensor([[int(h), int(w)] for h, w in image_sizes], dtype=torch.long).reshape(-1, 2).to(device)
+    hw = [[int(s[0]), int(s[1])] for s in image_sizes]
+    return torch.tensor(hw, dtype=torch.long).reshape(-1, 2).to(device)
 
 
 def postprocess_detections_padded(
     cls_logits: Tensor,
     bbox_regression: Tensor,
     anchors: Tensor,
-    image_sizes: Union[Tensor, Sequence[Tuple[int, int]]],
-    num_anchors_per_level: Sequence[int],
+    image_sizes: Union[Tensor, List[Tuple[int, int]]],
+    num_anchors_per_level: List[int],
     score_thresh: float = 0.05,
     topk_candidates: int = 1000,
     nms_thresh: float = 0.5,
@@ -140,7 +141,7 @@ def postprocess_detections_padded(
         ``(boxes [B, D, 4], scores [B, D], labels [B, D] int64, counts [B] int64)`` with
         D = detections_per_img; rows at and past ``counts[b]`` hold boxes 0, scores 0, labels -1.
     """
-    sizes = _sizes_tensor(image_sizes, cls_logits.shape[0], cls_logits.device)
+    sizes = _sizes_tensor(image_sizes, cls_logits.device)
     return _ops.postprocess_detections(
         cls_logits, bbox_regression, anchors, sizes, [int(a) for a in num_anchors_per_level],
         float(score_thresh), int(topk_candidates), float(nms_thresh), int(detections_per_img),
@@ -151,8 +152,8 @@ def postprocess_detections(
     cls_logits: Tensor,
     bbox_regression: Tensor,
     anchors: Tensor,
-    image_sizes: Union[Tensor, Sequence[Tuple[int, int]]],
-    num_anchors_per_level: Sequence[int],
+    image_sizes: Union[Tensor, List[Tuple[int, int]]],
+    num_anchors_per_level: List[int],
     score_thresh: float = 0.05,
     topk_candidates: int = 1000,
     nms_thresh: float = 0.5,
@@ -198,8 +199,8 @@ def postprocess_detections(
         cls_logits, bbox_regression, anchors, image_sizes, num_anchors_per_level,
         score_thresh, topk_candidates, nms_thresh, detections_per_img,
     )
-    out = []
-    for b, n in enumerate(counts.tolist()):
+    out: List[Dict[str, Tensor]] = []
+    for b, n in enumerate(torch.jit.annotate(List[int], counts.tolist())):
         out.append({"boxes": boxes[b, :n], "scores": scores[b, :n], "labels": labels[b, :n]})
     return out
 

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torchvision
 from torchvision.models.detection import retinanet_resnet50_fpn as tv_retinanet_v1
 from torchvision.models.detection import retinanet_resnet50_fpn_v2 as tv_retinanet_v2
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -181,11 +182,21 @@ def test_patch_and_unpatch_torchvision():
     assert isinstance(tv.anchor_generator, retina_fast.models.AnchorGenerator)
     assert retina_fast.patch_torchvision(tv) is tv  # idempotent
     assert tv.state_dict().keys() == sd.keys()
+    cls = type(tv)
+    assert cls.__name__ == "RetinaFastRetinaNet" and isinstance(tv, torchvision.models.detection.RetinaNet)
     retina_fast.unpatch_torchvision(tv)
     assert isinstance(tv.anchor_generator, TVAnchorGenerator)
+    assert type(tv).__name__ == "RetinaNet"
     assert "compute_loss" not in tv.__dict__ and "postprocess_detections" not in tv.__dict__
     with retina_fast.patched_torchvision(tv):
-        assert "compute_loss" in tv.__dict__
-    assert "compute_loss" not in tv.__dict__
+        assert type(tv) is cls
+    assert type(tv).__name__ == "RetinaNet"
+    # an instance-level override (which would shadow the patched class's method) is set aside
+    # while patched and restored after
+    own = lambda *a: None  # noqa: E731
+    tv.postprocess_detections = own
+    with retina_fast.patched_torchvision(tv):
+        assert "postprocess_detections" not in tv.__dict__
+    assert tv.postprocess_detections is own
     with pytest.raises(TypeError, match="torchvision"):
         retina_fast.patch_torchvision(_small())
