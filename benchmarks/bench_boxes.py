@@ -27,6 +27,7 @@ from torchvision.models.detection._utils import BoxCoder, Matcher
 import retina_fast.ops as rf
 from retina_fast.models import retinanet_anchor_generator
 from retina_fast.ops import _reference as ref
+from benchmarks import quick
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -106,7 +107,7 @@ def peak_memory(impl, B, M, size, device, args):
 @pytest.mark.parametrize("M", [20, 100])
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_match_batch(benchmark, impl, M, device):
-    B, size = 8, 640
+    B, size = (2, 256) if quick() else (8, 640)
     benchmark.group = f"match_anchors B={B} M={M} {size}px {device}"
     anchors = anchors_for(size, device)
     gt, _, counts = make_batch(B, M, size, device)

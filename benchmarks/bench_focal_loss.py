@@ -26,10 +26,14 @@ import torchvision
 import retina_fast
 from retina_fast.ops import _reference as ref
 from retina_fast.ops import sigmoid_focal_loss, sigmoid_focal_loss_labels
+from benchmarks import quick
 
 K = 80
 CPU_SHAPES = {"4x30k": 4 * 30_000, "16x30k": 16 * 30_000}
 CUDA_SHAPES = {"16x120k": 16 * 120_000}
+if quick():  # --benchmark-disable: each body once on a twentieth of the anchors (benchmarks/conftest.py)
+    CPU_SHAPES = {k: v // 20 for k, v in CPU_SHAPES.items()}
+    CUDA_SHAPES = {k: v // 20 for k, v in CUDA_SHAPES.items()}
 HAS_CUDA = torch.cuda.is_available() and retina_fast.cuda_built()
 
 

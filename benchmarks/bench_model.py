@@ -28,6 +28,7 @@ from torchvision.models.detection import retinanet_resnet50_fpn as tv_retinanet
 
 import retina_fast
 from retina_fast.models import retinanet_resnet50_fpn
+from benchmarks import quick
 
 HAS_CUDA = torch.cuda.is_available() and retina_fast.cuda_built()
 IMPLS = ("torchvision", "ours", "patched")
@@ -36,6 +37,8 @@ CONFIGS = {  # name: (device, batch, size, rounds)
     "cuda-b16-800": ("cuda", 16, 800, 10),
     "cuda-b1-800": ("cuda", 1, 800, 30),
 }
+if quick():  # --benchmark-disable: one small step of each, nothing measured (benchmarks/conftest.py)
+    CONFIGS = {k: (d, 1, 128, 1) for k, (d, _, _, _) in CONFIGS.items()}
 
 
 def _sync(device):

@@ -26,6 +26,7 @@ import torchvision
 from torchvision.ops import box_iou
 
 import retina_fast.ops as R
+from benchmarks import quick
 from retina_fast.ops import _reference as ref
 
 HAS_CUDA = torch.cuda.is_available()
@@ -68,6 +69,7 @@ IMPLS = ["retina_fast", "torchvision", "reference"]
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("n", [1000, 5000, 20000])
 def test_nms(benchmark, n, impl, device):
+    n = n // 20 if quick() else n
     if impl == "reference" and device == "cuda":
         pytest.skip("the reference is a CPU loop")
     b, s = coco_like_boxes(n)
@@ -81,6 +83,7 @@ def test_nms(benchmark, n, impl, device):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("n", [5000, 20000])
 def test_batched_nms_80_classes(benchmark, n, impl, device):
+    n = n // 20 if quick() else n
     if impl == "reference" and device == "cuda":
         pytest.skip("the reference is a CPU loop")
     b, s = coco_like_boxes(n, seed=1)
@@ -141,6 +144,7 @@ def test_postprocess(benchmark, tv_model, B, impl, device):
         pytest.skip("the reference is a CPU loop")
     if B == 16 and device == "cpu":
         pytest.skip("batch 16 is the GPU goal")
+    B = 1 if quick() else B
     logits, reg, anchors, levels = trained_like_head(B)
     logits, reg, anchors = logits.to(device), reg.to(device), anchors.to(device)
     sizes = [(800, 800)] * B

@@ -50,6 +50,7 @@ def box_ops():
         a, b = _boxes(1031).to(dtype), _boxes(37).to(dtype)
         ops.box_iou(a, b)
         ops.box_iou(a[:0], b)
+        ops.box_iou(a.view(1031, 4)[None].expand(2, -1, -1), b, fmt="cxcywh")  # batched, float64 path
         cells = [torch.tensor([[-16.0, -16.0, 16.0, 16.0], [-8.0, -24.0, 8.0, 24.0]], device=dev, dtype=dtype)] * 3
         anchors = ops.grid_anchors(cells, [(13, 17), (0, 4), (7, 9)], [(8, 8), (16, 16), (16, 16)])
         gts = _boxes(2 * 300).view(2, 300, 4).to(dtype)
@@ -67,6 +68,7 @@ def box_ops():
         rel = torch.randn(2, anchors.shape[0], 8, device=dev, dtype=dtype, requires_grad=True)
         (ops.decode_boxes(rel, anchors) * torch.randn_like(rel)).sum().backward()
         ops.decode_boxes(rel.detach(), anchors.expand(2, -1, -1).contiguous())
+    ops.box_iou(_boxes(50).round().int(), _boxes(20).round().long())  # integer boxes: float64 kernel
 
 
 def nms_ops():
@@ -77,6 +79,7 @@ def nms_ops():
         ops.nms(bx, sc, 0.5)  # one group of 2053 boxes: the block scan
         ops.nms(bx[:0], sc[:0], 0.5)
         ops.nms(bx[:1], sc[:1], 0.5)
+        ops.batched_nms(bx[:0], sc[:0], sc[:0].long(), 0.5)
         idx = torch.randint(0, 80, (2053,), device=dev)
         ops.batched_nms(bx, sc, idx, 0.5)  # many small groups: the warp scan
         img = torch.randint(0, 3, (2053,), device=dev)
