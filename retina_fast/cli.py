@@ -275,7 +275,10 @@ def cmd_bench(args, argv):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bench_dir = os.path.join(root, "benchmarks")
     files = sorted(f for f in os.listdir(bench_dir) if f.startswith("bench_")) if os.path.isdir(bench_dir) else []
-    cmd = [sys.executable, "-m", "pytest", bench_dir, "--benchmark-only", "-q"] + list(args.pytest_args)
+    extra = list(args.pytest_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    cmd = [sys.executable, "-m", "pytest", bench_dir, "--benchmark-only", "-q"] + extra
     if not files:
         print("retina-fast bench runs the pytest-benchmark files benchmarks/bench_*.py of a source "
               "checkout:\n  " + " ".join(cmd[2:]).replace(sys.executable, "python") +
@@ -491,8 +494,13 @@ def main(argv=None, *, allow_reexec: bool | None = None) -> int:
         allow_reexec = argv is None and script in ("retina-fast", "retina-fast-script")
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = build_parser()
+    parse_argv = argv
+    if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] not in ("-h", "--help"):
+        # everything after `bench` is pytest's, options first included (`bench -k nms`):
+        # argparse's REMAINDER would take them for retina-fast's own
+        parse_argv = ["bench", "--", *argv[1:]]
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(parse_argv)
     except SystemExit as e:  # --help, or a usage error already printed on one line
         return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "command", None):
