@@ -155,6 +155,40 @@ def test_cuda_labels_loss_past_2_31_elements():
     torch.testing.assert_close(grad[first:].cpu(), eg, rtol=2e-3, atol=1e-5)
 
 
+@requires_gpu
+def test_cuda_dense_loss_past_2_31_elements():
+    """The dense form over more than 2^31 float32 elements (a float32 sum, which half would
+    overflow), with random logits and soft targets in every element past index 2^31 (constant
+    before it): a dropped, wrapped or int32-indexed tail changes the tail's values, the sum and
+    the tail's gradients."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 48 * 2**30:
+        pytest.skip("needs ~48 GB free")
+    n = 2**31 + 4099  # odd: a vector tail too
+    first = 2**31
+    x = torch.full((n,), -2.0, device="cuda")
+    t = torch.zeros(n, device="cuda")
+    g = torch.Generator().manual_seed(6)
+    tail_x = torch.randn(n - first, generator=g) * 3
+    tail_t = torch.rand(n - first, generator=g)
+    x[first:], t[first:] = tail_x.cuda(), tail_t.cuda()
+    out = rf.sigmoid_focal_loss(x, t, reduction="none")
+    torch.testing.assert_close(out[first:].cpu(), rf.sigmoid_focal_loss(tail_x, tail_t, reduction="none"),
+                               rtol=1e-5, atol=1e-7)
+    assert bool((out[:first:2**20] == out[0]).all())  # the constant head, sampled
+    del out
+    s = rf.sigmoid_focal_loss(x, t, reduction="sum")
+    head = first * ref.sigmoid_focal_loss(torch.tensor(-2.0, dtype=torch.float64),
+                                          torch.tensor(0.0, dtype=torch.float64)).item()
+    total = head + rf.sigmoid_focal_loss(tail_x.double(), tail_t.double(), reduction="sum").item()
+    assert math.isclose(s.item(), total, rel_tol=1e-5)
+    xg = x.requires_grad_()
+    (grad,) = torch.autograd.grad(rf.sigmoid_focal_loss(xg, t, reduction="sum"), xg)
+    tg = tail_x.clone().requires_grad_()
+    (eg,) = torch.autograd.grad(rf.sigmoid_focal_loss(tg, tail_t, reduction="sum"), tg)
+    torch.testing.assert_close(grad[first:].cpu(), eg, rtol=1e-5, atol=1e-7)
+
+
 # ------------------------------------------------------------------------------ box coder
 
 
