@@ -109,6 +109,8 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
 
 
 def _batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    if boxes1.dim() == 1 and boxes2.dim() >= 2:  # one box: [1, M] (torchvision broadcasts it so)
+        boxes1 = boxes1[None]
     if boxes1.dim() == 2 and boxes2.dim() == 2:
         return _ops.box_iou(boxes1, boxes2)
     if boxes1.dim() < 2 or boxes2.dim() < 2:
@@ -271,7 +273,16 @@ def encode_boxes(
     Returns:
         Tensor shaped like reference_boxes: ``(dx, dy, dw, dh)`` in the promoted dtype, each
         operation rounded to that dtype as torch's elementwise ops do. Not differentiable.
+        Integer boxes are converted to the other set's float dtype (float32 when both are
+        integer), as torchvision's arithmetic promotes them. Mixed float dtypes: both are
+        promoted first; torchvision forms the proposals' widths and centres in their own dtype
+        before promoting, so 16-bit proposals beside float32 boxes differ from its codes by
+        that 16-bit rounding (ours are the exact codes of the given boxes, rounded once).
     """
+    if not reference_boxes.is_floating_point() or not proposals.is_floating_point():
+        like = reference_boxes.dtype if reference_boxes.is_floating_point() else proposals.dtype
+        like = like if torch.empty((), dtype=like).is_floating_point() else torch.float32
+        reference_boxes, proposals = reference_boxes.to(like), proposals.to(like)
     return _ops.encode_boxes(reference_boxes, proposals, [float(w) for w in weights])
 
 
@@ -287,7 +298,8 @@ def decode_boxes(
         rel_codes (Tensor[N, 4k] or Tensor[B, N, 4k]): codes ``(dx, dy, dw, dh)`` per box
             (k codes per box, as decode_single allows).
         boxes (Tensor[N, 4] or Tensor[B, N, 4]): reference boxes (anchors), converted to
-            rel_codes' dtype; [N, 4] is shared by every batch entry.
+            rel_codes' dtype (integer boxes too, as torchvision converts them); [N, 4] is
+            shared by every batch entry.
         weights: ``(wx, wy, ww, wh)``; clip: ``dw, dh`` are clamped from above at ``clip``.
 
     Returns:
@@ -295,6 +307,8 @@ def decode_boxes(
         Differentiable w.r.t. ``rel_codes`` (not ``boxes``); the clamp passes gradient where
         ``d <= clip``, as torch.clamp does.
     """
+    if not boxes.is_floating_point() and rel_codes.is_floating_point():
+        boxes = boxes.to(rel_codes.dtype)
     return _ops.decode_boxes(rel_codes, boxes, [float(w) for w in weights], float(clip))
 
 

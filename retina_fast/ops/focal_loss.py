@@ -54,7 +54,9 @@ def sigmoid_focal_loss(
         reduction: ``'none'`` | ``'mean'`` | ``'sum'``.
 
     Returns:
-        The loss, shaped like ``inputs`` (``'none'``) or a scalar, in the inputs' dtype.
+        The loss, shaped like ``inputs`` (``'none'``) or a scalar, in the inputs' dtype (inputs
+        and targets of different float dtypes are both converted to the promoted dtype first,
+        which is the result's, as torchvision's arithmetic promotes them).
         Math runs in float32 for half/bfloat16 inputs (float64 for float64). Under
         ``torch.autocast`` the op runs in float32, as ``binary_cross_entropy_with_logits``
         (and so torchvision's version) does. Differentiable w.r.t. ``inputs`` and ``targets``
@@ -67,6 +69,9 @@ def sigmoid_focal_loss(
     an ulp where torchvision's rounds low: "focal <= BCE" holds to rounding, not bit for bit.
     """
     _check_alpha(alpha)
+    if inputs.dtype != targets.dtype and inputs.is_floating_point() and targets.is_floating_point():
+        common = torch.promote_types(inputs.dtype, targets.dtype)
+        inputs, targets = inputs.to(common), targets.to(common)
     return _ops.sigmoid_focal_loss(inputs, targets, float(alpha), float(gamma), _reduction_code(reduction))
 
 

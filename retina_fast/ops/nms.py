@@ -70,7 +70,8 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
 
     Args:
         boxes (Tensor[N, 4]), scores (Tensor[N]): as in :func:`nms`.
-        idxs (Tensor[N]): integer category of each box (any values, any range).
+        idxs (Tensor[N]): category of each box, integer (any values, any range) or floating
+            (as torchvision accepts them; equal values are one category).
         iou_threshold (float): as in :func:`nms`.
 
     Returns:
@@ -81,6 +82,8 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     """
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    if idxs.is_floating_point():
+        idxs = torch.unique(idxs, return_inverse=True)[1]  # (a device sync on CUDA)
     return _ops.batched_nms(boxes, scores, idxs, float(iou_threshold))
 
 

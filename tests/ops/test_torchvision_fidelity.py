@@ -422,3 +422,97 @@ def test_focal_unknown_reduction_is_a_value_error(device, dtype):
     x, t = _diverse_pairs(dtype, device, 0)
     with pytest.raises(ValueError, match="Invalid"):
         rf.sigmoid_focal_loss(x, t, 0.25, 2, "xyz")
+
+
+# ------------------------------------------------------------------------------ audit: inputs
+# torchvision accepts beyond its own test_ops.py (the issue-13 audit), same result types
+
+
+@pytest.mark.parametrize("xd,td", [(torch.float16, torch.float32), (torch.bfloat16, torch.float16),
+                                   (torch.float32, torch.float64), (torch.float64, torch.float16)])
+def test_focal_mixed_float_dtypes_promote_like_torchvision(xd, td):
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(40, 3, generator=g) * 3).to(xd).requires_grad_()
+    t = torch.rand(40, 3, generator=g).to(td)
+    out = rf.sigmoid_focal_loss(x, t, reduction="none")
+    tv = torchvision.ops.sigmoid_focal_loss(x.detach(), t, reduction="none")
+    common = torch.promote_types(xd, td)
+    assert out.dtype == tv.dtype == common
+    torch.testing.assert_close(out, rf.sigmoid_focal_loss(x.detach().to(common), t.to(common), reduction="none"),
+                               rtol=0, atol=0)
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    assert gx.dtype == xd
+
+
+def test_box_coder_ops_take_integer_boxes_like_torchvision():
+    from torchvision.models.detection._utils import BoxCoder
+
+    g = torch.Generator().manual_seed(9)
+    xy = torch.randint(0, 500, (30, 2), generator=g)
+    anchors = torch.cat([xy, xy + torch.randint(4, 100, (30, 2), generator=g)], 1)  # int64
+    gts = anchors.flip(0) + 3
+    codes = torch.randn(30, 4, generator=g) * 0.3
+    for w in ((1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)):
+        coder = BoxCoder(w)
+        d = rf.decode_boxes(codes, anchors, w)
+        assert d.dtype == torch.float32
+        torch.testing.assert_close(d, coder.decode_single(codes, anchors), rtol=1e-6, atol=1e-4)
+        for ref_b, prop in ((gts, anchors.float()), (gts.float(), anchors), (gts, anchors)):
+            e, t = rf.encode_boxes(ref_b, prop, w), coder.encode_single(ref_b, prop)
+            assert e.dtype == t.dtype == torch.float32
+            torch.testing.assert_close(e, t, rtol=1e-6, atol=1e-6)
+
+
+def test_box_coder_mixed_dtypes_are_the_exact_codes_rounded_once():
+    g = torch.Generator().manual_seed(10)
+    xy = torch.rand(50, 2, generator=g) * 700
+    anchors = torch.cat([xy, xy + torch.rand(50, 2, generator=g) * 100 + 8], 1)
+    gts = anchors + torch.randn(50, 4, generator=g) * 3
+    half = anchors.half()
+    ours = rf.encode_boxes(gts, half)
+    exact = rf.encode_boxes(gts.double(), half.double())  # the codes of the boxes as given
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_nms_float_category_ids_like_torchvision():
+    b, s = _boxes_with_a_pair_past(500, 0.5, seed=11)
+    cats = torch.randint(0, 5, (500,), generator=torch.Generator().manual_seed(11))
+    expected = rf.batched_nms(b, s, cats, 0.5)
+    for idxs in (cats.float(), cats.double() * 0.5 - 1):
+        got = rf.batched_nms(b, s, idxs, 0.5)
+        assert torch.equal(got, expected)
+        assert torch.equal(got, torchvision.ops.batched_nms(b, s, idxs, 0.5))
+
+
+def test_box_iou_one_box_against_many():
+    a = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 20.0], [0.0, 0.0, 5.0, 5.0]])
+    out = rf.box_iou(a[0], a)
+    assert out.shape == (1, 3)
+    assert torch.equal(out, torchvision.ops.box_iou(a[0], a))
+
+
+def test_anchor_generator_like_torchvisions_tests():
+    from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+
+    from retina_fast.models import AnchorGenerator
+
+    images = ImageList(torch.zeros(2, 3, 15, 15), [(15, 15), (15, 15)])
+    feats = [torch.zeros(2, 8, 3, 3)]
+    ours = AnchorGenerator(((10,),), ((1,),))
+    assert ours.num_anchors_per_location() == [1]
+    expected = torch.tensor([[x - 5.0, y - 5.0, x + 5.0, y + 5.0] for y in (0, 5, 10) for x in (0, 5, 10)])
+    out = ours(images, feats)
+    assert len(out) == 2 and all(torch.equal(a, expected) for a in out)
+    for sizes, ratios in [(((10, 20),), ((0.5, 1.0, 2.0),)), ((10, 20), (0.5, 1.0))]:
+        maps = [torch.zeros(2, 8, 3, 3), torch.zeros(2, 8, 2, 2)][: len(sizes) if isinstance(sizes[0], int) else 1]
+        for dtype in (torch.float32, torch.float16, torch.float64):
+            fm = [f.to(dtype) for f in maps]
+            a, t = AnchorGenerator(sizes, ratios)(images, fm), TVAnchorGenerator(sizes, ratios)(images, fm)
+            assert all(x.dtype == y.dtype == dtype and torch.equal(x, y) for x, y in zip(a, t))
+    # one feature map for two levels of sizes: torchvision asserts (AssertionError), ours a
+    # ValueError that says what was expected
+    bad = AnchorGenerator(((2, 4, 8), (32, 8)), (0.5, 1.0))
+    with pytest.raises(ValueError, match="expected 2 feature maps"):
+        bad(ImageList(torch.zeros(1, 3, 64, 64), [(64, 64)]), [torch.zeros(1, 1, 8, 8)])
