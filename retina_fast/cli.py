@@ -193,7 +193,8 @@ def cmd_train(args, argv):
         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
         lr_steps=tuple(args.lr_steps or ()), lr_gamma=args.lr_gamma, warmup_iters=args.warmup_iters,
         clip_grad=args.clip_grad, amp=args.amp, sync_bn=args.sync_bn, device=args.device,
-        seed=args.seed, resume=args.resume, time_budget=args.time_budget, max_iters=args.max_iters,
+        seed=args.seed, resume=args.resume, init_from=args.init_from,
+        backbone_weights=args.backbone_weights, time_budget=args.time_budget, max_iters=args.max_iters,
         log_every=args.log_every, progress=args.progress, tensorboard=args.tensorboard,
     )
     result = train(cfg, train_set, categories, config=args.run_config)
@@ -224,13 +225,20 @@ def cmd_eval(args, argv):
         check_writable_dir(args.out)
         _start_run_files(args, argv)
     dev = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
-    ds = CocoDetection(*split, transforms=eval_transforms())
-    ck_ids = [c["id"] for c in ckpt["categories"]]
-    if ds.cat_ids != ck_ids:
-        raise RetinaFastError(f"the dataset's category ids {ds.cat_ids[:10]} differ from the "
-                              f"checkpoint's {ck_ids[:10]}")
-    model = model_from_checkpoint(ckpt, dev)
+    if args.weights:
+        ds = CocoDetection(*split, transforms=eval_transforms())
+        model = _weights_model_for_dataset(args, dev, ds)
+    else:
+        ckpt = load_checkpoint(args.checkpoint)
+        ds = CocoDetection(*split, transforms=eval_transforms())
+        ck_ids = [c["id"] for c in ckpt["categories"]]
+        if ds.cat_ids != ck_ids:
+            raise RetinaFastError(f"the dataset's category ids {ds.cat_ids[:10]} differ from the "
+                                  f"checkpoint's {ck_ids[:10]}")
+        model = model_from_checkpoint(ckpt, dev)
+    from retina_fast.engine.predict import set_input_size
+
+    set_input_size(model, args.min_size, args.max_size)
     evaluate(model, ds, args.out, device=dev, batch_size=args.batch_size, progress=args.progress,
              coco_backend=args.coco_backend)
     if args.out:
@@ -247,17 +255,61 @@ def cmd_predict(args, argv):
     paths = collect_images(args.inputs)
     check_writable_dir(args.out)
     dev = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(ckpt, dev)
+    if args.weights:
+        model, categories = _weights_model(args, dev)
+    else:
+        ckpt = load_checkpoint(args.checkpoint)
+        model, categories = model_from_checkpoint(ckpt, dev), ckpt["categories"]
     set_input_size(model, args.min_size, args.max_size)
-    names = [c.get("name", str(c["id"])) for c in ckpt["categories"]]
+    names = [c.get("name", str(c["id"])) for c in categories]
     recs = predict_images(model, paths, args.out, names, device=dev, score_thresh=args.score_thresh,
                           image_format=args.format,
-                          label_to_cat_id=[c["id"] for c in ckpt["categories"]],
+                          label_to_cat_id=[c["id"] for c in categories],
                           batch_size=args.batch_size)
     n = sum(len(r["boxes"]) for r in recs)
     print(f"[predict] {n} detections on {len(recs)} images; drawn images, predictions.json and "
           f"coco_results.json in {args.out}")
+
+
+# --- torchvision weights files for eval / predict (--weights FILE --arch NAME) -----------------
+
+
+def _weights_model(args, dev):
+    """(model, categories) for ``--weights``: torchvision's RetinaNet with the file's weights;
+    its labels are torchvision's (COCO category ids for the 91-class COCO weights)."""
+    from retina_fast.engine.model_factory import model_from_weights
+    from retina_fast.models.weights import COCO_CATEGORIES
+
+    model, info = model_from_weights(args.weights, args.arch, dev)
+    k = info["num_classes"]
+    names = COCO_CATEGORIES if k == len(COCO_CATEGORIES) else [str(i) for i in range(k)]
+    eps = "" if info["bn_eps"] is None else f"; FrozenBatchNorm2d eps {info['bn_eps']:g}"
+    fix = " (torchvision's fix for its v1 COCO weights)" if info["bn_eps"] == 0 else ""
+    log.info("loaded %s weights with %d classes from %s%s%s", info["arch"], k, args.weights, eps, fix)
+    return model, [{"id": i, "name": n} for i, n in enumerate(names)]
+
+
+def _weights_model_for_dataset(args, dev, ds):
+    """``--weights`` for ``eval``: the model's labels mapped to the dataset's categories."""
+    from retina_fast.engine.model_factory import map_to_dataset
+
+    model, categories = _weights_model(args, dev)
+    model, rule = map_to_dataset(model, ds.categories, len(categories), args.label_map)
+    log.info("the dataset's %d categories are the model's labels with the same %s",
+             len(ds.categories), "COCO category name" if rule == "name" else "category id")
+    return model
+
+
+def _add_weights_flags(p):
+    from retina_fast.engine.model_factory import TORCHVISION_ARCHS
+
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a checkpoint.pt written by retina-fast train")
+    src.add_argument("--weights", metavar="FILE",
+                     help="a torchvision RetinaNet state_dict file (e.g. torchvision's COCO weights "
+                          "retinanet_resnet50_fpn_coco-eeacb38b.pth); its labels are COCO category ids")
+    p.add_argument("--arch", choices=["auto", *TORCHVISION_ARCHS], default="auto",
+                   help="the architecture of --weights (auto: told by the file)")
 
 
 def cmd_make_shapes(args, argv):
@@ -359,13 +411,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
     g = t.add_argument_group("model")
     g.add_argument("--model", default="shapes-small",
-                   help="shapes-small | resnet18-fpn | resnet34-fpn | resnet50-fpn (from scratch)")
+                   help="shapes-small | resnet18-fpn | resnet34-fpn | resnet50-fpn (from scratch) | "
+                        "retinanet_resnet50_fpn | retinanet_resnet50_fpn_v2 (torchvision's, for "
+                        "--init-from / --backbone-weights)")
     g.add_argument("--min-size", type=int, nargs="+",
                    help="input shorter side; several values = multi-scale training (the last is used "
                         "for evaluation). Default: the model's (160 shapes-small, 800 resnets)")
     g.add_argument("--max-size", type=int, help="input longer side at most")
     g.add_argument("--model-opt", action="append", metavar="KEY=VALUE",
                    help="other build_model options, e.g. norm=\"gn\", head_convs=4, box_loss=\"l1\"")
+    g.add_argument("--init-from", metavar="FILE",
+                   help="start from these weights: a state_dict file (e.g. torchvision's COCO "
+                        "RetinaNet, with --model retinanet_resnet50_fpn[_v2]) or a checkpoint.pt; "
+                        "a class head for another number of classes is re-initialised")
+    g.add_argument("--backbone-weights", metavar="FILE",
+                   help="a torchvision ResNet state_dict file (e.g. ImageNet's resnet50-0676ba61.pth) "
+                        "for the backbone's body")
     g = t.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=12)
     g.add_argument("--batch-size", type=int, default=16, help="images per process")
@@ -406,29 +467,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_flags(g, progress=False)
 
     e = sub.add_parser("eval", formatter_class=fmt, help="COCO mAP of a checkpoint on a COCO-format split",
-                       description="Evaluate a checkpoint with COCOeval (bbox; pycocotools or "
-                                   "faster-coco-eval): prints the 12-number summary and AP per "
+                       description="Evaluate a checkpoint (or torchvision RetinaNet weights, "
+                                   "--weights) with COCOeval (bbox; pycocotools or faster-coco-eval): prints the 12-number summary and AP per "
                                    "class and by object size; with --out writes metrics.json, "
                                    "per_class.csv, pr_curves.png (precision-recall per class) "
                                    "and detections.json (COCO results format).")
-    e.add_argument("--checkpoint", required=True)
+    _add_weights_flags(e)
+    e.add_argument("--label-map", choices=["auto", "name", "id"], default="auto",
+                   help="--weights: how the dataset's categories find the model's labels: by COCO "
+                        "category name (for renumbered ids) or by category id; auto: by name when "
+                        "every name is a COCO name")
     e.add_argument("--data", help="split folder holding instances.json and images/")
     e.add_argument("--ann", help="annotation file (instead of --data)")
     e.add_argument("--images", help="image folder (instead of --data)")
     e.add_argument("--out", help="folder for metrics.json and detections.json")
     e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--min-size", type=int, help="resize the shorter side to this (default: the model's)")
+    e.add_argument("--max-size", type=int, help="longer side at most (default: the model's, scaled like --min-size)")
     _add_runtime_flags(e, omp=False)
     e.set_defaults(func=cmd_eval)
     _add_eval_flags(e)
 
     pr = sub.add_parser("predict", formatter_class=fmt, help="draw detections on images",
-                        description="Run a checkpoint on image files or folders; writes each image "
-                                    "with boxes, class names and scores drawn (PNG, or JPEG for JPEG "
+                        description="Run a checkpoint (or torchvision RetinaNet weights, --weights) "
+                                    "on image files or folders; writes each image with boxes, class names and scores drawn (PNG, or JPEG for JPEG "
                                     "inputs), predictions.json and coco_results.json (every "
                                     "detection, COCO results format) to --out. Images are read "
                                     "upright (EXIF orientation applied).")
     pr.add_argument("inputs", nargs="+", help="image files or folders")
-    pr.add_argument("--checkpoint", required=True)
+    _add_weights_flags(pr)
     pr.add_argument("--out", default="predictions")
     pr.add_argument("--score-thresh", type=float, default=0.4, help="draw and report detections above this score")
     pr.add_argument("--format", choices=["png", "jpg"], help="output image format (default: like the input)")

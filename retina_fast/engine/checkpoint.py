@@ -15,16 +15,15 @@ through the same restricted unpickler).
 from __future__ import annotations
 
 import os
-import pickle
 import random
-import re
 
 import numpy as np
 import torch
 
 from retina_fast.data.errors import RetinaFastError
+from retina_fast.models.weights import CHECKPOINT_FORMAT, WeightsError, load_file
 
-FORMAT = "retina_fast.checkpoint/1"
+FORMAT = CHECKPOINT_FORMAT
 
 
 def atomic_save(obj, path: str) -> None:
@@ -81,41 +80,14 @@ def _numpy_array_globals() -> list:
     return allow
 
 
-def _why_refused(message: str) -> tuple[bool, str]:
-    """(refused, reason) from a weights-only torch.load error: refused is True when the file asks
-    for something beyond tensors and plain containers, False when it is not a pickle at all."""
-    detail = message.split("WeightsUnpickler error:", 1)[-1].strip()
-    m = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", detail)
-    if m:
-        return True, f"it holds the Python object {m.group(1)}, not only tensors and plain containers"
-    m = re.search(r"Unsupported operand (\d+)", detail)
-    if m:
-        return False, f"not a file torch.save wrote (unsupported pickle opcode {m.group(1)})"
-    first = next((ln.strip() for ln in detail.splitlines() if ln.strip()), "")
-    return True, f"it asks for more than tensors and plain containers ({first[:160]})"
-
-
 def safe_load(path: str, what: str = "checkpoint", map_location="cpu", allow=()):
-    """``torch.load(path, weights_only=True)`` with one-line :class:`RetinaFastError` for a
-    missing, unreadable or refused file. ``allow``: extra globals, allowed for this load only."""
-    if not os.path.isfile(path):
-        raise RetinaFastError(f"{what} not found: {path}")
+    """``torch.load(path, weights_only=True)`` (:func:`retina_fast.models.weights.load_file`)
+    with a one-line :class:`RetinaFastError` for a missing, unreadable or refused file.
+    ``allow``: extra globals, allowed for this load only."""
     try:
-        if allow:
-            with torch.serialization.safe_globals(list(allow)):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        refused, reason = _why_refused(str(e))
-        if refused:
-            raise RetinaFastError(
-                f"refusing to load {what} {path}: {reason}; unpickling it could run code, so "
-                "nothing of it was run (for a whole pickled model, save its state_dict() instead)"
-            ) from None
-        raise RetinaFastError(f"cannot read {what} {path}: {reason}") from None
-    except Exception as e:  # torch raises many types for a corrupt or truncated file
-        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise RetinaFastError(f"cannot read {what} {path}: {first}") from None
+        return load_file(path, what, map_location, allow)
+    except WeightsError as e:
+        raise RetinaFastError(str(e)) from None
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
