@@ -468,10 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", formatter_class=fmt, help="COCO mAP of a checkpoint on a COCO-format split",
                        description="Evaluate a checkpoint (or torchvision RetinaNet weights, "
-                                   "--weights) with COCOeval (bbox; pycocotools or faster-coco-eval): prints the 12-number summary and AP per "
-                                   "class and by object size; with --out writes metrics.json, "
-                                   "per_class.csv, pr_curves.png (precision-recall per class) "
-                                   "and detections.json (COCO results format).")
+                                   "--weights) with COCOeval (bbox; pycocotools or faster-coco-eval): "
+                                   "prints the 12-number summary and AP per class and by object size; "
+                                   "with --out writes metrics.json, per_class.csv, pr_curves.png "
+                                   "(precision-recall per class) and detections.json (COCO results format).")
     _add_weights_flags(e)
     e.add_argument("--label-map", choices=["auto", "name", "id"], default="auto",
                    help="--weights: how the dataset's categories find the model's labels: by COCO "
