@@ -1,4 +1,4 @@
-"""``retina-fast`` (also ``python -m retina_fast``): demo | train | eval | predict | make-shapes | bench.
+"""``retina-fast`` (also ``python -m retina_fast``): demo | train | eval | predict | export | make-shapes | bench.
 
 Errors in the user's input (a missing file, a malformed annotation file, an unknown class id,
 an unwritable folder, a bad checkpoint, a diverged run) end with a one-line
@@ -312,6 +312,74 @@ def _add_weights_flags(p):
                    help="the architecture of --weights (auto: told by the file)")
 
 
+# --- export: torch.export / AOTInductor / ONNX of the eval model --------------------------------
+
+
+def cmd_export(args, argv):
+    _set_threads(args)
+    import importlib.util
+
+    from retina_fast.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from retina_fast.engine.predict import set_input_size
+
+    if args.format == "onnx":
+        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise RetinaFastError(f"--format onnx needs {', '.join(missing)}: pip install {' '.join(missing)}")
+    want = ".onnx" if args.format == "onnx" else ".pt2"
+    if not args.out.endswith(want):
+        raise RetinaFastError(f"argument --out: a {args.format} file must end in {want}, not {args.out!r}")
+    if min(args.image_size) < 1:
+        raise RetinaFastError(f"argument --image-size: must be at least 1, not {min(args.image_size)}")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    from retina_fast.engine.train import check_writable_dir
+
+    check_writable_dir(out_dir)
+    if args.weights:
+        model, _ = _weights_model(args, "cpu")
+    else:
+        model = model_from_checkpoint(load_checkpoint(args.checkpoint), "cpu")
+    set_input_size(model, args.min_size, args.max_size)
+    import torch
+
+    from retina_fast import export as rx
+
+    images = rx.example_images(args.batch_size, tuple(args.image_size), seed=args.seed)
+    with torch.no_grad():
+        _export_and_check(args, model, images)
+
+
+def _export_and_check(args, model, images):
+    import torch
+
+    from retina_fast import export as rx
+
+    ref = model(images)
+    if args.format == "export":
+        ep = rx.export_program(model, images, padded=args.padded)
+        torch.export.save(ep, args.out)
+        got = rx.load_program(args.out).module()(images)
+        if args.padded:
+            from retina_fast.models.retinanet import _split
+
+            got = _split(*got)
+    elif args.format == "aoti":
+        rx.build_aoti(model, images, args.out)
+        got = rx.load_aoti(args.out)(images)
+    else:
+        rx.export_onnx(model, args.out, images)
+        got = rx.OnnxRetinaNet(args.out)(images)
+    ds = max((float((a["scores"][:n] - b["scores"][:n]).abs().max()) if n else 0.0
+              for a, b in zip(got, ref) for n in [min(len(a["scores"]), len(b["scores"]))]), default=0.0)
+    db = max((float((a["boxes"][:n] - b["boxes"][:n]).abs().max()) if n else 0.0
+              for a, b in zip(got, ref) for n in [min(len(a["boxes"]), len(b["boxes"]))]), default=0.0)
+    counts = ([len(a["scores"]) for a in got], [len(b["scores"]) for b in ref])
+    print(f"[export] {args.format}: wrote {args.out}; on {len(images)} random "
+          f"{args.image_size[0]}x{args.image_size[1]} images against the eager model: detections "
+          f"{counts[0]} vs {counts[1]}, max |score difference| {ds:.3g}, max |box difference| {db:.3g} px",
+          flush=True)
+
+
 def cmd_make_shapes(args, argv):
     from retina_fast.data import ShapesConfig, write_shapes_coco
     from retina_fast.engine.train import check_writable_dir
@@ -507,6 +575,31 @@ def build_parser() -> argparse.ArgumentParser:
                          "shapes-small, 800 for the ResNets)")
     pr.add_argument("--max-size", type=int,
                     help="longer side at most (default: the model's, scaled like --min-size)")
+
+    x = sub.add_parser("export", formatter_class=fmt, help="torch.export, AOTInductor or ONNX of a model",
+                       description="Export a checkpoint (or torchvision RetinaNet weights) for deployment, "
+                                   "traced on --batch-size random images of --image-size, then run "
+                                   "the export on them and compare with the eager model. export: a "
+                                   "torch.export program (.pt2; torch.export.load after importing "
+                                   "retina_fast). aoti: an AOTInductor package (.pt2; "
+                                   "retina_fast.export.load_aoti). onnx: the network up to the head's "
+                                   "outputs (dynamic batch and size; retina_fast.export.OnnxRetinaNet "
+                                   "runs it with onnxruntime and our post-processing). See "
+                                   "docs/usage.md.")
+    x.add_argument("--format", choices=["export", "aoti", "onnx"], required=True)
+    _add_weights_flags(x)
+    x.add_argument("--out", required=True, help="file to write (.pt2 or .onnx)")
+    x.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=[480, 640],
+                   help="size of the example images (export and aoti programs take images of this size)")
+    x.add_argument("--batch-size", type=int, default=1, help="images per call (export and aoti)")
+    x.add_argument("--padded", action="store_true",
+                   help="export: the padded program (boxes [B, D, 4], scores, labels, counts; static "
+                        "shapes) instead of the list of dicts (aoti is always padded inside)")
+    x.add_argument("--min-size", type=int, help="the model's input shorter side (default: the model's)")
+    x.add_argument("--max-size", type=int, help="the model's input longer side at most")
+    x.add_argument("--seed", type=int, default=0, help="seed of the example images")
+    x.add_argument("--threads", type=int, default=0, help="CPU threads (default: all available)")
+    x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("make-shapes", formatter_class=fmt, help="write the synthetic shapes dataset (COCO format)",
                        description="Write OUT/train and OUT/val, each with images/ and instances.json: "

@@ -21,7 +21,7 @@ from retina_fast.models.anchors import AnchorGenerator, retinanet_anchor_generat
 from retina_fast.models.backbone import resnet_fpn_backbone
 from retina_fast.models.head import RetinaNetHead
 from retina_fast.models.loss import BOX_LOSSES, RetinaNetLoss, check_degenerate_boxes, pack_targets
-from retina_fast.ops.nms import postprocess_detections
+from retina_fast.ops.nms import postprocess_detections_padded
 
 __all__ = ["RetinaNet", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "retinanet_resnet_fpn"]
 
@@ -126,6 +126,15 @@ class RetinaNet(nn.Module):
                                image_sizes: List[Tuple[int, int]], num_anchors_per_level: List[int]
                                ) -> List[Dict[str, Tensor]]:
         """Detections in the transformed (resized) image coordinates, one dict per image."""
+        boxes, scores, labels, counts = self.postprocess_padded(head_outputs, anchors, image_sizes,
+                                                                num_anchors_per_level)
+        return _split(boxes, scores, labels, counts)
+
+    def postprocess_padded(self, head_outputs: Dict[str, Tensor], anchors: Tensor,
+                           image_sizes: List[Tuple[int, int]], num_anchors_per_level: List[int]
+                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`postprocess_detections` padded to ``detections_per_img`` rows (static shapes,
+        no host read): ``boxes [B, D, 4], scores [B, D], labels [B, D], counts [B]``."""
         cls_logits, bbox_regression = head_outputs["cls_logits"], head_outputs["bbox_regression"]
         if cls_logits.dtype not in (torch.float32, torch.float64):
             # autocast: scores and boxes from float32 (exact upcast of the logits; decoding in
@@ -133,13 +142,32 @@ class RetinaNet(nn.Module):
             cls_logits, bbox_regression = cls_logits.float(), bbox_regression.float()
         elif bbox_regression.dtype != cls_logits.dtype:
             bbox_regression = bbox_regression.to(cls_logits.dtype)
-        return postprocess_detections(cls_logits, bbox_regression, anchors.to(bbox_regression.dtype), image_sizes,
-                                      num_anchors_per_level, self.score_thresh, self.topk_candidates,
-                                      self.nms_thresh, self.detections_per_img)
+        return postprocess_detections_padded(cls_logits, bbox_regression, anchors.to(bbox_regression.dtype),
+                                             image_sizes, num_anchors_per_level, self.score_thresh,
+                                             self.topk_candidates, self.nms_thresh, self.detections_per_img)
 
     # ---------------------------------------------------------------- forward
 
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None):
+        if self.training:
+            return self._forward(images, targets)
+        # The one host read of the eval path (how many detections each image has), here in the
+        # outermost frame: torch.compile breaks the graph once, torch.export makes its sizes
+        # unbacked symbols. forward_padded has none.
+        return _split(*self._forward(images, None))
+
+    def forward_padded(self, images: List[Tensor]) -> Dict[str, Tensor]:
+        """Eval-mode detections padded to ``detections_per_img`` rows, with static shapes and
+        no host synchronisation (one graph under ``torch.compile(fullgraph=True)``; a static
+        program for ``torch.export``/AOTInductor/TensorRT): ``{"boxes": [B, D, 4], "scores":
+        [B, D], "labels": [B, D] (-1 past the end), "counts": [B]}`` in original image
+        coordinates; image ``b``'s detections are the first ``counts[b]`` rows, the same as
+        ``forward``'s."""
+        torch._assert(not self.training, "forward_padded is for eval mode")
+        boxes, scores, labels, counts = self._forward(images, None)
+        return {"boxes": boxes, "scores": scores, "labels": labels, "counts": counts}
+
+    def _forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]]):
         if self.training:
             if targets is None:
                 torch._assert(False, "targets should not be none when in training mode")
@@ -166,14 +194,45 @@ class RetinaNet(nn.Module):
             features = OrderedDict([("0", features)])
         features = list(features.values())
         head_outputs = self.head(features)
-        anchors = self.anchors(tuple(images.tensors.shape[-2:]), features)
 
         if self.training:
+            anchors = self.anchors(tuple(images.tensors.shape[-2:]), features)
             return self.compute_loss(targets, head_outputs, anchors, packed)
-        A = head_outputs["cls_logits"].shape[1] // sum(f.shape[-2] * f.shape[-1] for f in features)
-        num_anchors_per_level = [f.shape[-2] * f.shape[-1] * A for f in features]
-        detections = self.postprocess_detections(head_outputs, anchors, images.image_sizes, num_anchors_per_level)
-        return self.transform.postprocess(detections, images.image_sizes, original_image_sizes)
+        return self.detections_from_head(head_outputs, [(f.shape[-2], f.shape[-1]) for f in features],
+                                         (images.tensors.shape[-2], images.tensors.shape[-1]), images.image_sizes,
+                                         original_image_sizes)
+
+    def detections_from_head(self, head_outputs: Dict[str, Tensor], feature_sizes: List[Tuple[int, int]],
+                             batch_size_hw: Tuple[int, int], image_sizes: List[Tuple[int, int]],
+                             original_image_sizes: List[Tuple[int, int]]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Padded detections in original image coordinates from the head's outputs: anchors
+        for the padded batch (``batch_size_hw``) and its feature maps (``feature_sizes``),
+        post-processing, boxes scaled back. What eval does after the head; also the tail of an
+        exported head-only model (:class:`retina_fast.export.OnnxRetinaNet`)."""
+        anchors = self.anchor_generator.grid(batch_size_hw, feature_sizes, torch.float32,
+                                             head_outputs["cls_logits"].device)
+        A = head_outputs["cls_logits"].shape[1] // sum(h * w for h, w in feature_sizes)
+        num_anchors_per_level = [h * w * A for h, w in feature_sizes]
+        boxes, scores, labels, counts = self.postprocess_padded(head_outputs, anchors, image_sizes,
+                                                                num_anchors_per_level)
+        return _to_original_sizes(boxes, image_sizes, original_image_sizes), scores, labels, counts
+
+
+def _to_original_sizes(boxes: Tensor, sizes: List[Tuple[int, int]], original_sizes: List[Tuple[int, int]]) -> Tensor:
+    """``GeneralizedRCNNTransform.postprocess`` on padded boxes [B, D, 4]: each image's boxes
+    times (original / resized) size, the ratio in float32 as torchvision computes it (so the
+    result is bitwise torchvision's); padding rows (zeros) stay zeros."""
+    new = torch.tensor(original_sizes, dtype=torch.float32, device=boxes.device).reshape(-1, 2)
+    old = torch.tensor(sizes, dtype=torch.float32, device=boxes.device).reshape(-1, 2)
+    ratio = (new / old).flip(1).repeat(1, 2)  # [B, 4]: (w, h, w, h)
+    return boxes * ratio[:, None, :]
+
+
+def _split(boxes: Tensor, scores: Tensor, labels: Tensor, counts: Tensor) -> List[Dict[str, Tensor]]:
+    out: List[Dict[str, Tensor]] = []
+    for b, n in enumerate(counts.tolist()):
+        out.append({"boxes": boxes[b, :n], "scores": scores[b, :n], "labels": labels[b, :n]})
+    return out
 
 
 # -------------------------------------------------------------------- builders
