@@ -300,9 +300,10 @@ def _weights_model_for_dataset(args, dev, ds):
     return model
 
 
-def _add_weights_flags(p):
-    from retina_fast.engine.model_factory import TORCHVISION_ARCHS
+TORCHVISION_ARCHS = ("retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2")  # model_factory's (no torch import here)
 
+
+def _add_weights_flags(p):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a checkpoint.pt written by retina-fast train")
     src.add_argument("--weights", metavar="FILE",

@@ -172,3 +172,10 @@ def test_weights_errors_are_one_line(tvw, tmp_path, capsys):
             assert rc == 2 and "Traceback" not in err and len(lines) == 1 and needle in lines[0], (name, err)
     finally:
         torch.set_num_threads(n)
+
+
+def test_cli_knows_the_factory_architectures():
+    from retina_fast import cli
+    from retina_fast.engine import model_factory
+
+    assert cli.TORCHVISION_ARCHS == tuple(model_factory.TORCHVISION_ARCHS)

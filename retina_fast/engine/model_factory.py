@@ -40,10 +40,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from functools import partial
 
+import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
-
-import torch
 
 from retina_fast.data.errors import RetinaFastError
 from retina_fast.models import AnchorGenerator, FeaturePyramidNetwork, RetinaNet, RetinaNetHead
@@ -247,8 +246,7 @@ def init_weights(model: nn.Module, name: str, init_from=None, backbone_weights=N
             if body is None:
                 raise rw.WeightsError(f"--backbone-weights: model {name} has no ResNet body (backbone.body); "
                                       "use a resnet*-fpn or retinanet_resnet50_fpn* model")
-            sd = _weights_state(backbone_weights, "backbone weights")
-            sd = rw._with_metadata(sd, ((k, v) for k, v in sd.items() if not k.startswith("fc.")))
+            sd = rw.without_classifier(_weights_state(backbone_weights, "backbone weights"))
             rw.load_weights(body, sd, backbone_weights, what=f"the ResNet body of {name}")
             msgs.append(f"backbone (backbone.body) initialised from {backbone_weights}")
         if init_from:

@@ -286,7 +286,7 @@ def _backbone_weights(weights, depth: int):
         enum_cls = getattr(resnet, f"ResNet{depth}_Weights")
         src, _ = rw.resolve_weights(weights, enum_cls, "weights_backbone")
         sd = rw.state_dict_from(rw.load_file(src, "backbone weights"), src)
-    return rw._with_metadata(sd, ((k, v) for k, v in sd.items() if not k.startswith("fc."))), src
+    return rw.without_classifier(sd), src
 
 
 def retinanet_resnet_fpn(

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 __all__ = [
     "WeightsError", "COCO_CATEGORIES", "load_file", "resolve_weights", "hub_cache_file",
     "state_dict_from", "describe_retinanet", "load_weights", "label_mapping", "CLASS_LOGITS",
-    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_FORMAT", "with_metadata", "without_classifier",
 ]
 
 # torchvision's detection category names (torchvision.models._meta._COCO_CATEGORIES): index =
@@ -168,11 +168,16 @@ def state_dict_from(obj, path: str = "the file", fmt_tag: Optional[str] = None) 
         raise WeightsError(f"{path} holds no state_dict (a mapping of names to tensors; got "
                            f"{type(obj).__name__})")
     if all(k.startswith("module.") for k in obj):
-        obj = _with_metadata(obj, ((k[len("module."):], v) for k, v in obj.items()), "module")
+        obj = with_metadata(obj, ((k[len("module."):], v) for k, v in obj.items()), "module")
     return obj
 
 
-def _with_metadata(sd, items, strip_prefix: Optional[str] = None):
+def without_classifier(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """A torchvision ResNet's state_dict without ``fc.*`` (what a detection body lacks)."""
+    return with_metadata(sd, ((k, v) for k, v in sd.items() if not k.startswith("fc.")))
+
+
+def with_metadata(sd, items, strip_prefix: Optional[str] = None):
     """A new state_dict of ``items`` keeping ``sd._metadata`` (the module versions that
     ``_load_from_state_dict`` reads to rename old key names)."""
     out = type(sd)(items) if isinstance(sd, dict) else dict(items)
@@ -219,7 +224,7 @@ def load_weights(model: nn.Module, sd: Dict[str, Tensor], path: str = "the file"
             reg = own.get("head.regression_head.bbox_reg.weight")
             A = reg.shape[0] // 4 if reg is not None else 1
             theirs, ours = sd[key].shape[0] // A, own[key].shape[0] // A
-            sd = _with_metadata(sd, ((k, v) for k, v in sd.items() if not k.startswith(CLASS_LOGITS)))
+            sd = with_metadata(sd, ((k, v) for k, v in sd.items() if not k.startswith(CLASS_LOGITS)))
             msg = (f"class head re-initialised ({CLASS_LOGITS[:-1]}): {path} has {theirs} classes, "
                    f"this model {ours}")
     try:
