@@ -41,7 +41,7 @@ def test_help_for_every_command():
     out = run("--help").stdout
     from retina_fast.cli import build_parser
 
-    for cmd in ("demo", "train", "eval", "predict", "bench", "make-shapes"):
+    for cmd in ("demo", "train", "eval", "predict", "export", "bench", "make-shapes"):
         assert cmd in out
         with pytest.raises(SystemExit) as e:
             build_parser().parse_args([cmd, "--help"])
