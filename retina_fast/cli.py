@@ -1,4 +1,4 @@
-"""``retina-fast`` (also ``python -m retina_fast``): demo | train | eval | predict | make-shapes | bench.
+"""``retina-fast`` (also ``python -m retina_fast``): demo | train | eval | predict | export | make-shapes | bench.
 
 Errors in the user's input (a missing file, a malformed annotation file, an unknown class id,
 an unwritable folder, a bad checkpoint, a diverged run) end with a one-line
@@ -193,7 +193,8 @@ def cmd_train(args, argv):
         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
         lr_steps=tuple(args.lr_steps or ()), lr_gamma=args.lr_gamma, warmup_iters=args.warmup_iters,
         clip_grad=args.clip_grad, amp=args.amp, sync_bn=args.sync_bn, device=args.device,
-        seed=args.seed, resume=args.resume, time_budget=args.time_budget, max_iters=args.max_iters,
+        seed=args.seed, resume=args.resume, init_from=args.init_from,
+        backbone_weights=args.backbone_weights, time_budget=args.time_budget, max_iters=args.max_iters,
         log_every=args.log_every, progress=args.progress, tensorboard=args.tensorboard,
     )
     result = train(cfg, train_set, categories, config=args.run_config)
@@ -224,13 +225,20 @@ def cmd_eval(args, argv):
         check_writable_dir(args.out)
         _start_run_files(args, argv)
     dev = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
-    ds = CocoDetection(*split, transforms=eval_transforms())
-    ck_ids = [c["id"] for c in ckpt["categories"]]
-    if ds.cat_ids != ck_ids:
-        raise RetinaFastError(f"the dataset's category ids {ds.cat_ids[:10]} differ from the "
-                              f"checkpoint's {ck_ids[:10]}")
-    model = model_from_checkpoint(ckpt, dev)
+    if args.weights:
+        ds = CocoDetection(*split, transforms=eval_transforms())
+        model = _weights_model_for_dataset(args, dev, ds)
+    else:
+        ckpt = load_checkpoint(args.checkpoint)
+        ds = CocoDetection(*split, transforms=eval_transforms())
+        ck_ids = [c["id"] for c in ckpt["categories"]]
+        if ds.cat_ids != ck_ids:
+            raise RetinaFastError(f"the dataset's category ids {ds.cat_ids[:10]} differ from the "
+                                  f"checkpoint's {ck_ids[:10]}")
+        model = model_from_checkpoint(ckpt, dev)
+    from retina_fast.engine.predict import set_input_size
+
+    set_input_size(model, args.min_size, args.max_size)
     evaluate(model, ds, args.out, device=dev, batch_size=args.batch_size, progress=args.progress,
              coco_backend=args.coco_backend)
     if args.out:
@@ -247,17 +255,130 @@ def cmd_predict(args, argv):
     paths = collect_images(args.inputs)
     check_writable_dir(args.out)
     dev = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(ckpt, dev)
+    if args.weights:
+        model, categories = _weights_model(args, dev)
+    else:
+        ckpt = load_checkpoint(args.checkpoint)
+        model, categories = model_from_checkpoint(ckpt, dev), ckpt["categories"]
     set_input_size(model, args.min_size, args.max_size)
-    names = [c.get("name", str(c["id"])) for c in ckpt["categories"]]
+    names = [c.get("name", str(c["id"])) for c in categories]
     recs = predict_images(model, paths, args.out, names, device=dev, score_thresh=args.score_thresh,
                           image_format=args.format,
-                          label_to_cat_id=[c["id"] for c in ckpt["categories"]],
+                          label_to_cat_id=[c["id"] for c in categories],
                           batch_size=args.batch_size)
     n = sum(len(r["boxes"]) for r in recs)
     print(f"[predict] {n} detections on {len(recs)} images; drawn images, predictions.json and "
           f"coco_results.json in {args.out}")
+
+
+# --- torchvision weights files for eval / predict (--weights FILE --arch NAME) -----------------
+
+
+def _weights_model(args, dev):
+    """(model, categories) for ``--weights``: torchvision's RetinaNet with the file's weights;
+    its labels are torchvision's (COCO category ids for the 91-class COCO weights)."""
+    from retina_fast.engine.model_factory import model_from_weights
+    from retina_fast.models.weights import COCO_CATEGORIES
+
+    model, info = model_from_weights(args.weights, args.arch, dev)
+    k = info["num_classes"]
+    names = COCO_CATEGORIES if k == len(COCO_CATEGORIES) else [str(i) for i in range(k)]
+    eps = "" if info["bn_eps"] is None else f"; FrozenBatchNorm2d eps {info['bn_eps']:g}"
+    fix = " (torchvision's fix for its v1 COCO weights)" if info["bn_eps"] == 0 else ""
+    log.info("loaded %s weights with %d classes from %s%s%s", info["arch"], k, args.weights, eps, fix)
+    return model, [{"id": i, "name": n} for i, n in enumerate(names)]
+
+
+def _weights_model_for_dataset(args, dev, ds):
+    """``--weights`` for ``eval``: the model's labels mapped to the dataset's categories."""
+    from retina_fast.engine.model_factory import map_to_dataset
+
+    model, categories = _weights_model(args, dev)
+    model, rule = map_to_dataset(model, ds.categories, len(categories), args.label_map)
+    log.info("the dataset's %d categories are the model's labels with the same %s",
+             len(ds.categories), "COCO category name" if rule == "name" else "category id")
+    return model
+
+
+TORCHVISION_ARCHS = ("retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2")  # model_factory's (no torch import here)
+
+
+def _add_weights_flags(p):
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a checkpoint.pt written by retina-fast train")
+    src.add_argument("--weights", metavar="FILE",
+                     help="a torchvision RetinaNet state_dict file (e.g. torchvision's COCO weights "
+                          "retinanet_resnet50_fpn_coco-eeacb38b.pth); its labels are COCO category ids")
+    p.add_argument("--arch", choices=["auto", *TORCHVISION_ARCHS], default="auto",
+                   help="the architecture of --weights (auto: told by the file)")
+
+
+# --- export: torch.export / AOTInductor / ONNX of the eval model --------------------------------
+
+
+def cmd_export(args, argv):
+    _set_threads(args)
+    import importlib.util
+
+    from retina_fast.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from retina_fast.engine.predict import set_input_size
+
+    if args.format == "onnx":
+        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise RetinaFastError(f"--format onnx needs {', '.join(missing)}: pip install {' '.join(missing)}")
+    want = ".onnx" if args.format == "onnx" else ".pt2"
+    if not args.out.endswith(want):
+        raise RetinaFastError(f"argument --out: a {args.format} file must end in {want}, not {args.out!r}")
+    if min(args.image_size) < 1:
+        raise RetinaFastError(f"argument --image-size: must be at least 1, not {min(args.image_size)}")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    from retina_fast.engine.train import check_writable_dir
+
+    check_writable_dir(out_dir)
+    if args.weights:
+        model, _ = _weights_model(args, "cpu")
+    else:
+        model = model_from_checkpoint(load_checkpoint(args.checkpoint), "cpu")
+    set_input_size(model, args.min_size, args.max_size)
+    import torch
+
+    from retina_fast import export as rx
+
+    images = rx.example_images(args.batch_size, tuple(args.image_size), seed=args.seed)
+    with torch.no_grad():
+        _export_and_check(args, model, images)
+
+
+def _export_and_check(args, model, images):
+    import torch
+
+    from retina_fast import export as rx
+
+    ref = model(images)
+    if args.format == "export":
+        ep = rx.export_program(model, images, padded=args.padded)
+        torch.export.save(ep, args.out)
+        got = rx.load_program(args.out).module()(images)
+        if args.padded:
+            from retina_fast.models.retinanet import _split
+
+            got = _split(*got)
+    elif args.format == "aoti":
+        rx.build_aoti(model, images, args.out)
+        got = rx.load_aoti(args.out)(images)
+    else:
+        rx.export_onnx(model, args.out, images)
+        got = rx.OnnxRetinaNet(args.out)(images)
+    ds = max((float((a["scores"][:n] - b["scores"][:n]).abs().max()) if n else 0.0
+              for a, b in zip(got, ref) for n in [min(len(a["scores"]), len(b["scores"]))]), default=0.0)
+    db = max((float((a["boxes"][:n] - b["boxes"][:n]).abs().max()) if n else 0.0
+              for a, b in zip(got, ref) for n in [min(len(a["boxes"]), len(b["boxes"]))]), default=0.0)
+    counts = ([len(a["scores"]) for a in got], [len(b["scores"]) for b in ref])
+    print(f"[export] {args.format}: wrote {args.out}; on {len(images)} random "
+          f"{args.image_size[0]}x{args.image_size[1]} images against the eager model: detections "
+          f"{counts[0]} vs {counts[1]}, max |score difference| {ds:.3g}, max |box difference| {db:.3g} px",
+          flush=True)
 
 
 def cmd_make_shapes(args, argv):
@@ -362,13 +483,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
     g = t.add_argument_group("model")
     g.add_argument("--model", default="shapes-small",
-                   help="shapes-small | resnet18-fpn | resnet34-fpn | resnet50-fpn (from scratch)")
+                   help="shapes-small | resnet18-fpn | resnet34-fpn | resnet50-fpn (from scratch) | "
+                        "retinanet_resnet50_fpn | retinanet_resnet50_fpn_v2 (torchvision's, for "
+                        "--init-from / --backbone-weights)")
     g.add_argument("--min-size", type=int, nargs="+",
                    help="input shorter side; several values = multi-scale training (the last is used "
                         "for evaluation). Default: the model's (160 shapes-small, 800 resnets)")
     g.add_argument("--max-size", type=int, help="input longer side at most")
     g.add_argument("--model-opt", action="append", metavar="KEY=VALUE",
                    help="other build_model options, e.g. norm=\"gn\", head_convs=4, box_loss=\"l1\"")
+    g.add_argument("--init-from", metavar="FILE",
+                   help="start from these weights: a state_dict file (e.g. torchvision's COCO "
+                        "RetinaNet, with --model retinanet_resnet50_fpn[_v2]) or a checkpoint.pt; "
+                        "a class head for another number of classes is re-initialised")
+    g.add_argument("--backbone-weights", metavar="FILE",
+                   help="a torchvision ResNet state_dict file (e.g. ImageNet's resnet50-0676ba61.pth) "
+                        "for the backbone's body")
     g = t.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=12)
     g.add_argument("--batch-size", type=int, default=16, help="images per process")
@@ -409,29 +539,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_flags(g, progress=False)
 
     e = sub.add_parser("eval", formatter_class=fmt, help="COCO mAP of a checkpoint on a COCO-format split",
-                       description="Evaluate a checkpoint with COCOeval (bbox; pycocotools or "
-                                   "faster-coco-eval): prints the 12-number summary and AP per "
-                                   "class and by object size; with --out writes metrics.json, "
-                                   "per_class.csv, pr_curves.png (precision-recall per class) "
-                                   "and detections.json (COCO results format).")
-    e.add_argument("--checkpoint", required=True)
+                       description="Evaluate a checkpoint (or torchvision RetinaNet weights, "
+                                   "--weights) with COCOeval (bbox; pycocotools or faster-coco-eval): "
+                                   "prints the 12-number summary and AP per class and by object size; "
+                                   "with --out writes metrics.json, per_class.csv, pr_curves.png "
+                                   "(precision-recall per class) and detections.json (COCO results format).")
+    _add_weights_flags(e)
+    e.add_argument("--label-map", choices=["auto", "name", "id"], default="auto",
+                   help="--weights: how the dataset's categories find the model's labels: by COCO "
+                        "category name (for renumbered ids) or by category id; auto: by name when "
+                        "every name is a COCO name")
     e.add_argument("--data", help="split folder holding instances.json and images/")
     e.add_argument("--ann", help="annotation file (instead of --data)")
     e.add_argument("--images", help="image folder (instead of --data)")
     e.add_argument("--out", help="folder for metrics.json and detections.json")
     e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--min-size", type=int, help="resize the shorter side to this (default: the model's)")
+    e.add_argument("--max-size", type=int, help="longer side at most (default: the model's, scaled like --min-size)")
     _add_runtime_flags(e, omp=False)
     e.set_defaults(func=cmd_eval)
     _add_eval_flags(e)
 
     pr = sub.add_parser("predict", formatter_class=fmt, help="draw detections on images",
-                        description="Run a checkpoint on image files or folders; writes each image "
-                                    "with boxes, class names and scores drawn (PNG, or JPEG for JPEG "
+                        description="Run a checkpoint (or torchvision RetinaNet weights, --weights) "
+                                    "on image files or folders; writes each image with boxes, class names and scores drawn (PNG, or JPEG for JPEG "
                                     "inputs), predictions.json and coco_results.json (every "
                                     "detection, COCO results format) to --out. Images are read "
                                     "upright (EXIF orientation applied).")
     pr.add_argument("inputs", nargs="+", help="image files or folders")
-    pr.add_argument("--checkpoint", required=True)
+    _add_weights_flags(pr)
     pr.add_argument("--out", default="predictions")
     pr.add_argument("--score-thresh", type=float, default=0.4, help="draw and report detections above this score")
     pr.add_argument("--format", choices=["png", "jpg"], help="output image format (default: like the input)")
@@ -443,6 +579,31 @@ def build_parser() -> argparse.ArgumentParser:
                          "shapes-small, 800 for the ResNets)")
     pr.add_argument("--max-size", type=int,
                     help="longer side at most (default: the model's, scaled like --min-size)")
+
+    x = sub.add_parser("export", formatter_class=fmt, help="torch.export, AOTInductor or ONNX of a model",
+                       description="Export a checkpoint (or torchvision RetinaNet weights) for deployment, "
+                                   "traced on --batch-size random images of --image-size, then run "
+                                   "the export on them and compare with the eager model. export: a "
+                                   "torch.export program (.pt2; torch.export.load after importing "
+                                   "retina_fast). aoti: an AOTInductor package (.pt2; "
+                                   "retina_fast.export.load_aoti). onnx: the network up to the head's "
+                                   "outputs (dynamic batch and size; retina_fast.export.OnnxRetinaNet "
+                                   "runs it with onnxruntime and our post-processing). See "
+                                   "docs/usage.md.")
+    x.add_argument("--format", choices=["export", "aoti", "onnx"], required=True)
+    _add_weights_flags(x)
+    x.add_argument("--out", required=True, help="file to write (.pt2 or .onnx)")
+    x.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=[480, 640],
+                   help="size of the example images (export and aoti programs take images of this size)")
+    x.add_argument("--batch-size", type=int, default=1, help="images per call (export and aoti)")
+    x.add_argument("--padded", action="store_true",
+                   help="export: the padded program (boxes [B, D, 4], scores, labels, counts; static "
+                        "shapes) instead of the list of dicts (aoti is always padded inside)")
+    x.add_argument("--min-size", type=int, help="the model's input shorter side (default: the model's)")
+    x.add_argument("--max-size", type=int, help="the model's input longer side at most")
+    x.add_argument("--seed", type=int, default=0, help="seed of the example images")
+    x.add_argument("--threads", type=int, default=0, help="CPU threads (default: all available)")
+    x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("make-shapes", formatter_class=fmt, help="write the synthetic shapes dataset (COCO format)",
                        description="Write OUT/train and OUT/val, each with images/ and instances.json: "

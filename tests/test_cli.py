@@ -41,7 +41,7 @@ def test_help_for_every_command():
     out = run("--help").stdout
     from retina_fast.cli import build_parser
 
-    for cmd in ("demo", "train", "eval", "predict", "bench", "make-shapes"):
+    for cmd in ("demo", "train", "eval", "predict", "export", "bench", "make-shapes"):
         assert cmd in out
         with pytest.raises(SystemExit) as e:
             build_parser().parse_args([cmd, "--help"])
@@ -70,7 +70,7 @@ def test_make_shapes_train_eval_predict(tmp_path):
         assert (out / f).is_file(), f
     config = yaml.safe_load(open(out / "config.yaml"))
     assert config["batch_size"] == 4 and config["threads"] == 1 and config["model_opt"]["fpn_channels"] == 16
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["config"] == config
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"] == config
     log_txt = (out / "log.txt").read_text()
     assert log_txt.startswith("== ") and "retina-fast train --config" in log_txt.splitlines()[0]
     assert "[train] it 4/4" in log_txt and "trained 4 iterations" in log_txt and "Per class" in log_txt
@@ -131,6 +131,26 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         ro.chmod(0o500)
         assert_one_line_error(run("make-shapes", ro / "x", ok=False), "cannot write")
     assert_one_line_error(run("make-shapes", tmp_path / "empty.json" / "x", ok=False), "cannot write")
+
+
+def test_crafted_checkpoint_is_refused_by_every_command(tmp_path):
+    """A checkpoint whose unpickling runs code: eval, predict and train --resume refuse it with
+    one line, and the code never runs (the marker file it would write does not exist)."""
+    from tests.engine.test_checkpoint import crafted_checkpoint
+
+    marker = tmp_path / "ran"
+    evil = crafted_checkpoint(tmp_path / "evil.pt", marker, "system")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
+    argvs = [["eval", "--checkpoint", evil, "--ann", tmp_path / "x.json", "--images", tmp_path],
+             ["predict", tmp_path / "a.png", "--checkpoint", evil, "--out", tmp_path / "p"],
+             ["train", "--resume", evil, "--shapes-stream", 4, "--batch-size", 2, *TINY, "--out",
+              tmp_path / "t", "--omp-wait-policy", "active", "--workers", 0]]
+    procs = [_popen(a) for a in argvs]
+    for p in procs:
+        p.stdout, p.stderr = p.communicate(timeout=300)
+        assert_one_line_error(p, "refusing to load checkpoint")
+        assert "posix.system" in p.stderr and "nothing of it was run" in p.stderr
+    assert not marker.exists()
 
 
 def _popen(args, env_extra=None, drop=()):

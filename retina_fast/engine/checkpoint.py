@@ -1,5 +1,16 @@
 """Checkpoints: written atomically (temp file in the same folder, fsync, rename), so a crash or a
-full disk mid-write never leaves a half-written file where the last good checkpoint was."""
+full disk mid-write never leaves a half-written file where the last good checkpoint was.
+
+Loading is safe: every file is opened with ``torch.load(weights_only=True)``, whose unpickler
+builds only tensors, plain containers (dict, list, tuple, str, numbers, None) and allow-listed
+types, and refuses every other Python global *before* calling anything. A file crafted to run
+code when unpickled (a ``__reduce__`` naming ``os.system``, ``exec``...) is therefore refused
+with a one-line :class:`RetinaFastError` and nothing of it runs. Our checkpoints need no
+allow-list (the trainer stores numpy's RNG state as plain ints); checkpoints written before
+that hold it as a numpy array, for which :func:`load_checkpoint` allows exactly the three numpy
+globals an array needs (array reconstruction only: an object array's elements still go
+through the same restricted unpickler).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +21,9 @@ import numpy as np
 import torch
 
 from retina_fast.data.errors import RetinaFastError
+from retina_fast.models.weights import CHECKPOINT_FORMAT, WeightsError, load_file
 
-FORMAT = "retina_fast.checkpoint/1"
+FORMAT = CHECKPOINT_FORMAT
 
 
 def atomic_save(obj, path: str) -> None:
@@ -32,7 +44,11 @@ def atomic_save(obj, path: str) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    # numpy's state is ('MT19937', uint32[624], pos, has_gauss, cached_gaussian); the key is kept
+    # as a list of ints so the checkpoint holds plain types only (weights_only, no allow-list).
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": (name, [int(k) for k in key], int(pos), int(has_gauss), float(cached)),
              "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -41,20 +57,43 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, key, *rest = state["numpy"]  # key: a list (now) or a uint32 array (older checkpoints)
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint written by the trainer; a missing or unreadable file is a one-line error."""
-    if not os.path.isfile(path):
-        raise RetinaFastError(f"checkpoint not found: {path}")
+# ------------------------------------------------------------------------------ safe loading
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a plain numpy array needs: ndarray, dtype and ``_reconstruct`` (under
+    numpy 2's ``numpy._core`` name and, for files pickled by numpy 1, ``numpy.core``)."""
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # torch raises many types for a corrupt file
-        raise RetinaFastError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    allow = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct]
+    for name in ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"):
+        allow.append((_reconstruct, name))
+    return allow
+
+
+def safe_load(path: str, what: str = "checkpoint", map_location="cpu", allow=()):
+    """``torch.load(path, weights_only=True)`` (:func:`retina_fast.models.weights.load_file`)
+    with a one-line :class:`RetinaFastError` for a missing, unreadable or refused file.
+    ``allow``: extra globals, allowed for this load only."""
+    try:
+        return load_file(path, what, map_location, allow)
+    except WeightsError as e:
+        raise RetinaFastError(str(e)) from None
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load a checkpoint written by the trainer (safely, see the module docstring); a missing,
+    unreadable, refused or foreign file is a one-line :class:`RetinaFastError`."""
+    ckpt = safe_load(path, "checkpoint", map_location, allow=_numpy_array_globals())
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise RetinaFastError(f"{path} is not a retina_fast checkpoint (no '{FORMAT}' format tag)")
     return ckpt

@@ -18,6 +18,10 @@
   ``resume`` continues with the next epoch and, because every sample's content and augmentation
   derive from ``(seed, epoch, index)``, bit-for-bit like an uninterrupted run (same device,
   thread count and process count).
+* Starting weights: ``init_from`` (a state_dict file, e.g. torchvision's COCO RetinaNet, or a
+  retina_fast checkpoint; a class layer for another number of classes is re-initialised and
+  the run says so) and ``backbone_weights`` (a torchvision ResNet state_dict for
+  ``backbone.body``); see :func:`~retina_fast.engine.model_factory.init_weights`.
 * A non-finite loss (or, without AMP, gradient norm) stops training before the update with
   :class:`NonFiniteLossError`; the last good checkpoint is left as it was.
 * ``time_budget`` (seconds): stop when it is spent, and fit the cosine schedule to it: the total
@@ -50,7 +54,7 @@ from retina_fast.engine.checkpoint import (
     FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state,
 )
 from retina_fast.engine.logging_utils import MetricsLogger, Progress
-from retina_fast.engine.model_factory import build_model, param_groups
+from retina_fast.engine.model_factory import build_model, init_weights, param_groups, pretrained_kwargs
 from retina_fast.engine.schedule import WarmupSchedule
 
 log = logging.getLogger("retina_fast")
@@ -83,6 +87,8 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     seed: int = 0
     resume: str | None = None
+    init_from: str | None = None        # weights file to start from (class head re-initialised if K differs)
+    backbone_weights: str | None = None  # ResNet state_dict file for backbone.body
     time_budget: float | None = None  # seconds of training (the demo)
     max_iters: int | None = None
     log_every: int = 50
@@ -156,7 +162,13 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    model = build_model(cfg.model, len(categories), **cfg.model_kwargs).to(device)
+    model_kwargs = pretrained_kwargs(cfg.model, cfg.model_kwargs, cfg.init_from, cfg.backbone_weights)
+    model = build_model(cfg.model, len(categories), **model_kwargs)
+    if not cfg.resume:  # a resumed run's weights come from its checkpoint
+        for msg in init_weights(model, cfg.model, cfg.init_from, cfg.backbone_weights):
+            if is_main:
+                log.info(msg)
+    model = model.to(device)
     if cfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
@@ -185,7 +197,6 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
 
     start_epoch, it, history, images_seen = 0, 0, [], 0
-    model_kwargs = dict(cfg.model_kwargs)
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume)
         if ckpt["model_config"]["name"] != cfg.model or ckpt["model_config"]["num_classes"] != len(categories):

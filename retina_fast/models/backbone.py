@@ -1,43 +1,25 @@
 """ResNet + FPN backbones with torchvision's module names (``body.*``, ``fpn.*``).
 
-The ResNet body is torchvision's (``weights=None``: nothing is ever downloaded); the FPN is
-ours (:mod:`retina_fast.models.fpn`).
+``BackboneWithFPN`` is torchvision's (``torchvision.models.detection.backbone_utils``): an
+``IntermediateLayerGetter`` over the body, then torchvision's FPN; with ``extra_blocks=None``
+it adds torchvision's default max-pool level. :func:`resnet_fpn_backbone` is ours because it
+does what torchvision's ``_resnet_fpn_extractor`` does not: the FPN width is a parameter
+(torchvision fixes 256; the CPU-sized ResNet-18/34 models and ``fpn_channels`` use others), the
+extra levels default to RetinaNet's P6/P7 from P5 (v1) or C5 (v2) rather than the max-pool
+level, and it builds the ResNet itself (``weights=None``: nothing is ever downloaded) with the
+given norm layer. With ``fpn_channels=256`` the result is module for module, key for key and
+value for value torchvision's extractor (tests/models/test_fpn.py).
 """
 
-from collections import OrderedDict
 from typing import Callable, List, Optional
 
-from torch import Tensor, nn
+from torch import nn
 from torchvision.models import resnet
-from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
-from retina_fast.models.fpn import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
+from retina_fast.models.fpn import LastLevelMaxPool, LastLevelP6P7
 
 __all__ = ["BackboneWithFPN", "resnet_fpn_backbone"]
-
-
-class BackboneWithFPN(nn.Module):
-    """``body`` (returns the chosen stages as an OrderedDict) followed by ``fpn``.
-
-    ``out_channels`` is the FPN width (the head's input)."""
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        return_layers: "OrderedDict[str, str] | dict",
-        in_channels_list: List[int],
-        out_channels: int,
-        extra_blocks: Optional[nn.Module] = None,
-        norm_layer: Optional[Callable[..., nn.Module]] = None,
-    ):
-        super().__init__()
-        self.body = IntermediateLayerGetter(backbone, return_layers=dict(return_layers))
-        self.fpn = FeaturePyramidNetwork(in_channels_list, out_channels, extra_blocks, norm_layer)
-        self.out_channels = out_channels
-
-    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
-        return self.fpn(self.body(x))
-
 
 _RESNETS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101}
 
@@ -51,7 +33,8 @@ def resnet_fpn_backbone(
     fpn_channels: int = 256,
     p6_from: str = "p5",
 ) -> BackboneWithFPN:
-    """torchvision's ``_resnet_fpn_extractor(resnetN(weights=None, norm_layer), ...)``.
+    """torchvision's ``_resnet_fpn_extractor(resnetN(weights=None, norm_layer), ...)`` with a
+    configurable FPN width and RetinaNet's extra levels.
 
     Args:
         depth: 18, 34, 50 or 101.
@@ -59,7 +42,8 @@ def resnet_fpn_backbone(
             ``bn1``); the others get ``requires_grad=False``, as in torchvision.
         returned_layers: ResNet stages (1..4) fed to the FPN; default ``[2, 3, 4]`` (C3-C5).
         extra_blocks: extra FPN levels; default ``LastLevelP6P7`` from P5 (``p6_from="p5"``,
-            RetinaNet v1) or from C5 (``p6_from="c5"``, v2).
+            RetinaNet v1) or from C5 (``p6_from="c5"``, v2), or ``LastLevelMaxPool``
+            (``p6_from="pool"``).
         norm_layer: the body's norm (``FrozenBatchNorm2d`` for pretrained weights).
         fpn_channels: FPN width (256 in torchvision).
     """

@@ -16,13 +16,14 @@ from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from retina_fast.models import weights as rw
 from retina_fast.models.anchors import AnchorGenerator, retinanet_anchor_generator
 from retina_fast.models.backbone import resnet_fpn_backbone
 from retina_fast.models.head import RetinaNetHead
 from retina_fast.models.loss import BOX_LOSSES, RetinaNetLoss, check_degenerate_boxes, pack_targets
-from retina_fast.ops.nms import postprocess_detections
+from retina_fast.ops.nms import postprocess_detections_padded
 
-__all__ = ["RetinaNet", "retinanet_resnet50_fpn", "retinanet_resnet_fpn"]
+__all__ = ["RetinaNet", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "retinanet_resnet_fpn"]
 
 
 class RetinaNet(nn.Module):
@@ -125,6 +126,15 @@ class RetinaNet(nn.Module):
                                image_sizes: List[Tuple[int, int]], num_anchors_per_level: List[int]
                                ) -> List[Dict[str, Tensor]]:
         """Detections in the transformed (resized) image coordinates, one dict per image."""
+        boxes, scores, labels, counts = self.postprocess_padded(head_outputs, anchors, image_sizes,
+                                                                num_anchors_per_level)
+        return _split(boxes, scores, labels, counts)
+
+    def postprocess_padded(self, head_outputs: Dict[str, Tensor], anchors: Tensor,
+                           image_sizes: List[Tuple[int, int]], num_anchors_per_level: List[int]
+                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`postprocess_detections` padded to ``detections_per_img`` rows (static shapes,
+        no host read): ``boxes [B, D, 4], scores [B, D], labels [B, D], counts [B]``."""
         cls_logits, bbox_regression = head_outputs["cls_logits"], head_outputs["bbox_regression"]
         if cls_logits.dtype not in (torch.float32, torch.float64):
             # autocast: scores and boxes from float32 (exact upcast of the logits; decoding in
@@ -132,13 +142,32 @@ class RetinaNet(nn.Module):
             cls_logits, bbox_regression = cls_logits.float(), bbox_regression.float()
         elif bbox_regression.dtype != cls_logits.dtype:
             bbox_regression = bbox_regression.to(cls_logits.dtype)
-        return postprocess_detections(cls_logits, bbox_regression, anchors.to(bbox_regression.dtype), image_sizes,
-                                      num_anchors_per_level, self.score_thresh, self.topk_candidates,
-                                      self.nms_thresh, self.detections_per_img)
+        return postprocess_detections_padded(cls_logits, bbox_regression, anchors.to(bbox_regression.dtype),
+                                             image_sizes, num_anchors_per_level, self.score_thresh,
+                                             self.topk_candidates, self.nms_thresh, self.detections_per_img)
 
     # ---------------------------------------------------------------- forward
 
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None):
+        if self.training:
+            return self._forward(images, targets)
+        # The one host read of the eval path (how many detections each image has), here in the
+        # outermost frame: torch.compile breaks the graph once, torch.export makes its sizes
+        # unbacked symbols. forward_padded has none.
+        return _split(*self._forward(images, None))
+
+    def forward_padded(self, images: List[Tensor]) -> Dict[str, Tensor]:
+        """Eval-mode detections padded to ``detections_per_img`` rows, with static shapes and
+        no host synchronisation (one graph under ``torch.compile(fullgraph=True)``; a static
+        program for ``torch.export``/AOTInductor/TensorRT): ``{"boxes": [B, D, 4], "scores":
+        [B, D], "labels": [B, D] (-1 past the end), "counts": [B]}`` in original image
+        coordinates; image ``b``'s detections are the first ``counts[b]`` rows, the same as
+        ``forward``'s."""
+        torch._assert(not self.training, "forward_padded is for eval mode")
+        boxes, scores, labels, counts = self._forward(images, None)
+        return {"boxes": boxes, "scores": scores, "labels": labels, "counts": counts}
+
+    def _forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]]):
         if self.training:
             if targets is None:
                 torch._assert(False, "targets should not be none when in training mode")
@@ -165,14 +194,45 @@ class RetinaNet(nn.Module):
             features = OrderedDict([("0", features)])
         features = list(features.values())
         head_outputs = self.head(features)
-        anchors = self.anchors(tuple(images.tensors.shape[-2:]), features)
 
         if self.training:
+            anchors = self.anchors(tuple(images.tensors.shape[-2:]), features)
             return self.compute_loss(targets, head_outputs, anchors, packed)
-        A = head_outputs["cls_logits"].shape[1] // sum(f.shape[-2] * f.shape[-1] for f in features)
-        num_anchors_per_level = [f.shape[-2] * f.shape[-1] * A for f in features]
-        detections = self.postprocess_detections(head_outputs, anchors, images.image_sizes, num_anchors_per_level)
-        return self.transform.postprocess(detections, images.image_sizes, original_image_sizes)
+        return self.detections_from_head(head_outputs, [(f.shape[-2], f.shape[-1]) for f in features],
+                                         (images.tensors.shape[-2], images.tensors.shape[-1]), images.image_sizes,
+                                         original_image_sizes)
+
+    def detections_from_head(self, head_outputs: Dict[str, Tensor], feature_sizes: List[Tuple[int, int]],
+                             batch_size_hw: Tuple[int, int], image_sizes: List[Tuple[int, int]],
+                             original_image_sizes: List[Tuple[int, int]]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Padded detections in original image coordinates from the head's outputs: anchors
+        for the padded batch (``batch_size_hw``) and its feature maps (``feature_sizes``),
+        post-processing, boxes scaled back. What eval does after the head; also the tail of an
+        exported head-only model (:class:`retina_fast.export.OnnxRetinaNet`)."""
+        anchors = self.anchor_generator.grid(batch_size_hw, feature_sizes, torch.float32,
+                                             head_outputs["cls_logits"].device)
+        A = head_outputs["cls_logits"].shape[1] // sum(h * w for h, w in feature_sizes)
+        num_anchors_per_level = [h * w * A for h, w in feature_sizes]
+        boxes, scores, labels, counts = self.postprocess_padded(head_outputs, anchors, image_sizes,
+                                                                num_anchors_per_level)
+        return _to_original_sizes(boxes, image_sizes, original_image_sizes), scores, labels, counts
+
+
+def _to_original_sizes(boxes: Tensor, sizes: List[Tuple[int, int]], original_sizes: List[Tuple[int, int]]) -> Tensor:
+    """``GeneralizedRCNNTransform.postprocess`` on padded boxes [B, D, 4]: each image's boxes
+    times (original / resized) size, the ratio in float32 as torchvision computes it (so the
+    result is bitwise torchvision's); padding rows (zeros) stay zeros."""
+    new = torch.tensor(original_sizes, dtype=torch.float32, device=boxes.device).reshape(-1, 2)
+    old = torch.tensor(sizes, dtype=torch.float32, device=boxes.device).reshape(-1, 2)
+    ratio = (new / old).flip(1).repeat(1, 2)  # [B, 4]: (w, h, w, h)
+    return boxes * ratio[:, None, :]
+
+
+def _split(boxes: Tensor, scores: Tensor, labels: Tensor, counts: Tensor) -> List[Dict[str, Tensor]]:
+    out: List[Dict[str, Tensor]] = []
+    for b, n in enumerate(counts.tolist()):
+        out.append({"boxes": boxes[b, :n], "scores": scores[b, :n], "labels": labels[b, :n]})
+    return out
 
 
 # -------------------------------------------------------------------- builders
@@ -193,15 +253,57 @@ def _validate_trainable_layers(is_trained: bool, trainable: Optional[int], max_v
     return trainable
 
 
+def _variant_name(depth: int, variant: str) -> str:
+    return f"retinanet_resnet{depth}_fpn" + ("_v2" if variant == "v2" else "")
+
+
+def _full_weights(weights, depth: int, variant: str):
+    """(state_dict, source, enum member or None) for the ``weights`` argument."""
+    from torchvision.models import WeightsEnum
+    from torchvision.models.detection import RetinaNet_ResNet50_FPN_V2_Weights, RetinaNet_ResNet50_FPN_Weights
+
+    if isinstance(weights, dict):
+        return rw.state_dict_from(weights, "the given state_dict"), "the given state_dict", None
+    enum_cls = RetinaNet_ResNet50_FPN_Weights if variant == "v1" else RetinaNet_ResNet50_FPN_V2_Weights
+    other = RetinaNet_ResNet50_FPN_V2_Weights if variant == "v1" else RetinaNet_ResNet50_FPN_Weights
+    if isinstance(weights, WeightsEnum):
+        if depth != 50:
+            raise rw.WeightsError(f"{weights} are ResNet-50 weights; this model is ResNet-{depth}")
+        if isinstance(weights, other):
+            raise rw.WeightsError(f"{weights} are {_variant_name(50, 'v2' if variant == 'v1' else 'v1')} weights; "
+                                  f"this is {_variant_name(depth, variant)} (variant={variant!r})")
+    path, member = rw.resolve_weights(weights, enum_cls, "weights")
+    return rw.state_dict_from(rw.load_file(path, "weights"), path, rw.CHECKPOINT_FORMAT), path, member
+
+
+def _backbone_weights(weights, depth: int):
+    """The ResNet body's state_dict (``fc.*`` dropped) and its source, for ``weights_backbone``."""
+    from torchvision.models import resnet
+
+    if isinstance(weights, dict):
+        sd, src = rw.state_dict_from(weights, "the given backbone state_dict"), "the given backbone state_dict"
+    else:
+        enum_cls = getattr(resnet, f"ResNet{depth}_Weights")
+        src, _ = rw.resolve_weights(weights, enum_cls, "weights_backbone")
+        sd = rw.state_dict_from(rw.load_file(src, "backbone weights"), src)
+    return rw.without_classifier(sd), src
+
+
 def retinanet_resnet_fpn(
     depth: int = 50,
     variant: str = "v1",
-    num_classes: int = 91,
+    num_classes: Optional[int] = None,
     weights_path: Optional[str] = None,
     backbone_weights_path: Optional[str] = None,
     trainable_backbone_layers: Optional[int] = None,
     frozen_bn: Optional[bool] = None,
     fpn_channels: int = 256,
+    *,
+    weights=None,
+    weights_backbone=None,
+    progress: bool = True,
+    is_trained: Optional[bool] = None,
+    bn_eps: Optional[float] = None,
     **kwargs: Any,
 ) -> RetinaNet:
     """RetinaNet on a ResNet-``depth`` FPN (P3-P7), built like torchvision's builders.
@@ -210,27 +312,75 @@ def retinanet_resnet_fpn(
         depth: 18, 34, 50 or 101 (18/34 for CPU-sized work; 50 is torchvision's).
         variant: ``"v1"`` (``retinanet_resnet50_fpn``: P6 from P5, plain head, L1 box loss) or
             ``"v2"`` (``retinanet_resnet50_fpn_v2``: P6 from C5, GroupNorm(32) head, GIoU).
-        num_classes: K (91 for torchvision's COCO numbering).
-        weights_path: a state_dict file (e.g. a torchvision checkpoint) loaded with
-            ``strict=True``. Nothing is ever downloaded.
-        backbone_weights_path: a ResNet state_dict file for the body (ImageNet weights).
-        trainable_backbone_layers: as torchvision (default 3 with weights, else all 5).
-        frozen_bn: v1's body norm is ``FrozenBatchNorm2d`` when weights are given (torchvision's
-            rule), else ``BatchNorm2d``; set to force either. (v2 always uses BatchNorm2d.)
+        num_classes: K (default: the weights' number of classes, else 91 for torchvision's COCO
+            numbering). With weights whose K differs this is an error, as in torchvision; to
+            fine-tune, build with K classes and load with
+            :func:`retina_fast.models.weights.load_weights` ``(reinit_class_head=True)``.
+        weights: torchvision's keyword. The whole model's weights, loaded with ``strict=True``:
+            a ``RetinaNet_ResNet50_FPN_Weights`` / ``RetinaNet_ResNet50_FPN_V2_Weights`` member
+            or its name (``"COCO_V1"``, ``"DEFAULT"``), read from the torch hub cache
+            (``<torch.hub.get_dir()>/checkpoints/<file name of its url>``, where torchvision keeps
+            its downloads; an error names that path when the file is not there; nothing is
+            ever downloaded), or the path of a state_dict file (torchvision's, or a
+            retina_fast checkpoint), or a state_dict. Read with ``weights_only=True``.
+        weights_backbone: torchvision's keyword: the ResNet body's ImageNet weights, a
+            ``ResNet{depth}_Weights`` member or name (from the hub cache), a path or a
+            state_dict (``fc.*`` is dropped). Ignored when ``weights`` is given (torchvision's
+            rule). Unlike torchvision the default is None: nothing is downloaded.
+        weights_path, backbone_weights_path: the older names of ``weights`` / ``weights_backbone``
+            (paths); give one name or the other.
+        progress: accepted for torchvision's signature; nothing is downloaded.
+        trainable_backbone_layers: as torchvision (default 3 when trained, else all 5).
+        is_trained: build the layout torchvision uses for trained weights (v1's body norm
+            ``FrozenBatchNorm2d``, ``trainable_backbone_layers`` default 3) without loading any,
+            for weights loaded afterwards; default: whether ``weights`` or ``weights_backbone``
+            is given.
+        frozen_bn: v1's body norm is ``FrozenBatchNorm2d`` when trained (torchvision's rule),
+            else ``BatchNorm2d``; set to force either. (v2 always uses BatchNorm2d.)
+        bn_eps: eps of every ``FrozenBatchNorm2d``. Default: 0.0 for v1 with ``weights`` (the
+            published v1 COCO weights were trained with eps 0; torchvision's builder sets it
+            after loading them, and a v1 state_dict file is taken to be those weights or a
+            fine-tune of them), else the module default 1e-5.
         **kwargs: :class:`RetinaNet` arguments (``min_size``, ``score_thresh``...).
     """
     if variant not in ("v1", "v2"):
         raise ValueError(f"variant must be 'v1' or 'v2', got {variant!r}")
-    is_trained = weights_path is not None or backbone_weights_path is not None
+    for new, old, new_name, old_name in ((weights, weights_path, "weights", "weights_path"),
+                                         (weights_backbone, backbone_weights_path, "weights_backbone",
+                                          "backbone_weights_path")):
+        if new is not None and old is not None:
+            raise ValueError(f"give {new_name} or {old_name}, not both")
+    weights = weights if weights is not None else weights_path
+    weights_backbone = weights_backbone if weights_backbone is not None else backbone_weights_path
+    state = source = None
+    if weights is not None:
+        weights_backbone = None  # torchvision: the whole model's weights replace the backbone's
+        state, source, _ = _full_weights(weights, depth, variant)
+        info = rw.describe_retinanet(state, source)
+        if info["variant"] != variant:
+            raise rw.WeightsError(f"{source} holds {_variant_name(depth, info['variant'])} weights "
+                                  f"({'P6 from C5, GroupNorm head' if info['variant'] == 'v2' else 'P6 from P5'}), "
+                                  f"not {_variant_name(depth, variant)}'s")
+        if num_classes is None:
+            num_classes = info["num_classes"]
+        elif num_classes != info["num_classes"]:
+            raise rw.WeightsError(
+                f"num_classes={num_classes} but {source} has {info['num_classes']} classes; to fine-tune, "
+                "build with num_classes and load with retina_fast.models.weights.load_weights(model, "
+                "state_dict, reinit_class_head=True)")
+    if num_classes is None:
+        num_classes = 91
+    if is_trained is None:
+        is_trained = weights is not None or weights_backbone is not None
     trainable = _validate_trainable_layers(is_trained, trainable_backbone_layers, 5, 3)
     if frozen_bn is None:
         frozen_bn = variant == "v1" and is_trained
     norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
     backbone = resnet_fpn_backbone(depth, trainable, [2, 3, 4], norm_layer=norm_layer, fpn_channels=fpn_channels,
                                    p6_from="p5" if variant == "v1" else "c5")
-    if backbone_weights_path is not None:
-        state = torch.load(backbone_weights_path, map_location="cpu", weights_only=True)
-        backbone.body.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, strict=True)
+    if weights_backbone is not None:
+        body_state, body_source = _backbone_weights(weights_backbone, depth)
+        rw.load_weights(backbone.body, body_state, body_source, what=f"the ResNet-{depth} body")
     anchor_generator = retinanet_anchor_generator()
     if variant == "v2":
         head = RetinaNetHead(fpn_channels, anchor_generator.num_anchors_per_location()[0], num_classes,
@@ -239,16 +389,35 @@ def retinanet_resnet_fpn(
     else:
         head = RetinaNetHead(fpn_channels, anchor_generator.num_anchors_per_location()[0], num_classes)
     model = RetinaNet(backbone, num_classes, anchor_generator=anchor_generator, head=head, **kwargs)
-    if weights_path is not None:
-        model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True), strict=True)
+    if state is not None:
+        rw.load_weights(model, state, source, what=_variant_name(depth, variant))
+    if bn_eps is None and state is not None and variant == "v1":
+        bn_eps = 0.0
+    if bn_eps is not None:
+        for m in model.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.eps = float(bn_eps)
     return model
 
 
-def retinanet_resnet50_fpn(variant: str = "v1", num_classes: int = 91, weights_path: Optional[str] = None,
+def retinanet_resnet50_fpn(variant: str = "v1", num_classes: Optional[int] = None,
+                           weights_path: Optional[str] = None, *, weights=None, progress: bool = True,
+                           weights_backbone=None, trainable_backbone_layers: Optional[int] = None,
                            **kwargs: Any) -> RetinaNet:
     """torchvision's ``retinanet_resnet50_fpn`` (``variant="v1"``) or
-    ``retinanet_resnet50_fpn_v2`` (``"v2"``) on our kernels; see :func:`retinanet_resnet_fpn`.
+    ``retinanet_resnet50_fpn_v2`` (``"v2"``) on our kernels, with torchvision's keywords
+    (``weights=``, ``weights_backbone=``, ``num_classes=``, ``trainable_backbone_layers=``);
+    see :func:`retinanet_resnet_fpn`. The BatchNorm eps fix of the v1 COCO weights is applied
+    as torchvision's builder does."""
+    return retinanet_resnet_fpn(50, variant, num_classes, weights_path, weights=weights, progress=progress,
+                                weights_backbone=weights_backbone,
+                                trainable_backbone_layers=trainable_backbone_layers, **kwargs)
 
-    The published torchvision v1 COCO weights were trained with BatchNorm eps 0: after loading
-    them, set ``m.eps = 0.0`` on every ``FrozenBatchNorm2d`` as torchvision does."""
-    return retinanet_resnet_fpn(50, variant, num_classes, weights_path, **kwargs)
+
+def retinanet_resnet50_fpn_v2(*, weights=None, progress: bool = True, num_classes: Optional[int] = None,
+                              weights_backbone=None, trainable_backbone_layers: Optional[int] = None,
+                              **kwargs: Any) -> RetinaNet:
+    """torchvision's ``retinanet_resnet50_fpn_v2`` signature: ``retinanet_resnet50_fpn("v2", ...)``."""
+    return retinanet_resnet_fpn(50, "v2", num_classes, weights=weights, progress=progress,
+                                weights_backbone=weights_backbone,
+                                trainable_backbone_layers=trainable_backbone_layers, **kwargs)
