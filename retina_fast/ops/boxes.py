@@ -40,9 +40,28 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
         Tensor[N, M]: IoU, float32 (float64 for float64 boxes; 16-bit boxes give float32, as
         torchvision upcasts). Bitwise equal to torchvision: ``inter / union`` with no
         epsilon, so a zero union (two zero-area boxes) gives NaN exactly where torchvision
-        does.
+        does. Mixed float64 and lower-precision boxes: torchvision computes each set's areas in
+        its own (upcast) dtype before promoting, so that case runs torchvision's arithmetic in
+        plain PyTorch (the kernel promotes the coordinates first, which rounds differently).
     """
+    if boxes1.dtype != boxes2.dtype and (boxes1.dtype == torch.float64) != (boxes2.dtype == torch.float64):
+        return _box_iou_mixed(boxes1, boxes2)
     return _ops.box_iou(boxes1, boxes2)
+
+
+def _box_iou_mixed(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    # Found by tests/fuzz/test_fuzz_boxes.py: float64 boxes1 with float32 boxes2 differed from
+    # torchvision in the last bit. Same checks and messages as the kernel.
+    _ops.box_iou(boxes1[:0], boxes2[:0])
+    up1 = boxes1 if boxes1.dtype in (torch.float32, torch.float64) else boxes1.float()
+    up2 = boxes2 if boxes2.dtype in (torch.float32, torch.float64) else boxes2.float()
+    area1 = (up1[:, 2] - up1[:, 0]) * (up1[:, 3] - up1[:, 1])
+    area2 = (up2[:, 2] - up2[:, 0]) * (up2[:, 3] - up2[:, 1])
+    lt = torch.max(boxes1[:, None, :2], boxes2[:, :2])
+    rb = torch.min(boxes1[:, None, 2:], boxes2[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[:, :, 0] * wh[:, :, 1]
+    return inter / (area1[:, None] + area2 - inter)
 
 
 def grid_anchors(
