@@ -90,6 +90,8 @@ def grid_anchors(
     counts = [int(c.shape[0]) for c in cell_anchors]
     gs = [int(v) for g in grid_sizes for v in g]
     st = [int(v) for s in strides for v in s]
+    if any(v < 0 for v in st):
+        raise ValueError(f"grid_anchors: expected non-negative strides, got {[tuple(s) for s in strides]}")
     return _ops.grid_anchors(cells, counts, gs, st)
 
 
@@ -147,6 +149,24 @@ def match_anchors(
     )
 
 
+def _check_gt_labels(gt_labels: Tensor, gt_counts: Tensor) -> None:
+    # A negative class would pass through as -1 (background) or -2 (ignored): silent garbage.
+    # Only the valid rows count (padded rows may hold anything). On CUDA a device sync, as
+    # _check_counts; the kernel checks the shapes and dtype afterwards.
+    if (torch.compiler.is_compiling() or gt_labels.dim() != 2 or gt_counts.dim() != 1
+            or gt_labels.shape[0] != gt_counts.shape[0] or gt_labels.numel() == 0
+            or gt_labels.dtype != torch.int64 or gt_labels.device != gt_counts.device
+            or gt_labels.device.type == "meta"):
+        return
+    valid = torch.arange(gt_labels.shape[1], device=gt_labels.device)[None, :] < gt_counts[:, None]
+    bad = valid & (gt_labels < 0)
+    if bool(bad.any()):
+        b, m = (int(v) for v in torch.nonzero(bad)[0])
+        raise RuntimeError(
+            f"retina_fast::matched_targets: expected every valid gt_labels[b, m] >= 0 (a class in [0, K)), "
+            f"got gt_labels[{b}, {m}] = {int(gt_labels[b, m])}")
+
+
 class MatchedTargets(NamedTuple):
     labels: Tensor  # [B, A] int64: gt class in [0, K), -1 background, -2 ignored
     regression_targets: Tensor  # [B, A, 4]: encode_boxes(matched gt, anchor); 0 off foreground
@@ -184,6 +204,8 @@ def matched_targets(
     matches = match_anchors(
         anchors, gt_boxes, gt_counts, high, low, allow_low_quality_matches, zero_iou_quirk, check_counts
     )
+    if check_counts:
+        _check_gt_labels(gt_labels, gt_counts)
     # match_anchors never returns an out-of-range match: skip the check (a device sync on CUDA)
     labels, targets = _ops.gather_targets(matches, anchors, gt_boxes, gt_labels, [float(w) for w in weights], False)
     return MatchedTargets(labels, targets, matches)
@@ -229,6 +251,8 @@ def decode_boxes(
         Differentiable w.r.t. ``rel_codes`` (not ``boxes``); the clamp passes gradient where
         ``d <= clip``, as torch.clamp does.
     """
+    if math.isnan(float(clip)):
+        raise ValueError("decode_boxes: expected a clip value (log of the largest scale), got clip=nan")
     return _ops.decode_boxes(rel_codes, boxes, [float(w) for w in weights], float(clip))
 
 

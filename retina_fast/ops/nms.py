@@ -109,9 +109,17 @@ def batched_nms_multi(
 
 
 def _sizes_tensor(image_sizes, batch: int, device) -> Tensor:
+    # Negative sizes would clip every box to garbage. A list (or a CPU tensor) is checked here;
+    # a CUDA tensor is not (a device sync).
     if isinstance(image_sizes, Tensor):
+        if image_sizes.device.type == "cpu" and image_sizes.numel() and not torch.compiler.is_compiling() \
+                and bool((image_sizes < 0).any()):
+            raise ValueError(f"postprocess_detections: expected image_sizes (h, w) >= 0, got {image_sizes.tolist()}")
         return image_sizes.to(device=device, dtype=torch.long)
-    return torch.tensor([[int(h), int(w)] for h, w in image_sizes], dtype=torch.long).reshape(-1, 2).to(device)
+    sizes = [[int(h), int(w)] for h, w in image_sizes]
+    if any(h < 0 or w < 0 for h, w in sizes):
+        raise ValueError(f"postprocess_detections: expected image_sizes (h, w) >= 0, got {sizes}")
+    return torch.tensor(sizes, dtype=torch.long).reshape(-1, 2).to(device)
 
 
 def postprocess_detections_padded(
@@ -198,7 +206,18 @@ def postprocess_detections(
 # ---------------------------------------------------------------- fake (meta) kernels
 
 
+def _same_device(op, **tensors):
+    # As in boxes.py: a meta tensor mixed with CPU ones must not reach a fake kernel silently.
+    (n0, t0), *rest = tensors.items()
+    for n, t in rest:
+        torch._check(
+            t.device == t0.device,
+            lambda: f"retina_fast::{op}: expected {n0} and {n} on the same device, got {n0} on {t0.device} and {n} on {t.device}",
+        )
+
+
 def _check_nms_fake(boxes, scores):
+    _same_device("nms", boxes=boxes, scores=scores)
     torch._check(boxes.dim() == 2 and boxes.shape[1] == 4, lambda: "boxes must be [N, 4]")
     torch._check(scores.dim() == 1 and scores.shape[0] == boxes.shape[0], lambda: "scores must be [N]")
 
@@ -214,6 +233,7 @@ def _nms_fake(boxes, scores, iou_threshold):
 def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
     _check_nms_fake(boxes, scores)
     torch._check(idxs.dim() == 1 and idxs.shape[0] == boxes.shape[0], lambda: "idxs must be [N]")
+    _same_device("batched_nms", boxes=boxes, idxs=idxs)
     n = torch.library.get_ctx().new_dynamic_size()
     return boxes.new_empty((n,), dtype=torch.long)
 
@@ -221,6 +241,7 @@ def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
 @torch.library.register_fake("retina_fast::batched_nms_multi")
 def _batched_nms_multi_fake(boxes, scores, idxs, image_ids, num_images, iou_threshold, max_per_image):
     _check_nms_fake(boxes, scores)
+    _same_device("batched_nms_multi", boxes=boxes, idxs=idxs, image_ids=image_ids)
     if max_per_image >= 0:
         w = max_per_image
     else:
@@ -235,6 +256,8 @@ def _batched_nms_multi_fake(boxes, scores, idxs, image_ids, num_images, iou_thre
 def _postprocess_fake(cls_logits, bbox_regression, anchors, image_sizes, num_anchors_per_level,
                       score_thresh, topk_candidates, nms_thresh, detections_per_img):
     torch._check(cls_logits.dim() == 3, lambda: "cls_logits must be [B, A, K]")
+    _same_device("postprocess_detections", cls_logits=cls_logits, bbox_regression=bbox_regression,
+                 anchors=anchors, image_sizes=image_sizes)
     B = cls_logits.shape[0]
     D = detections_per_img
     return (
