@@ -260,3 +260,39 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         train(tiny_config(tmp_path, epochs=3, batch_size=2), tiny_stream(4), CATEGORIES, progress_callback=snap)
     assert _sha(tmp_path / "checkpoint.pt") == snap.sha
     assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["epoch"] == 1
+
+
+def _torchrun(out, env_extra, max_restarts=1):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--max-restarts", str(max_restarts), os.path.join(ROOT, "tests", "engine", "ddp_fault_entry.py"),
+           "train", "--shapes-stream", "8", "--epochs", "3", "--batch-size", "2", "--workers", "0",
+           "--device", "cpu", "--threads", "1", "--out", str(out), "--resume", "auto", "--no-eval",
+           "--omp-wait-policy", "active", "--optimizer", "sgd", "--lr", "0.05", "--warmup-iters", "0",
+           "--schedule", "constant", "--clip-grad", "0", "--min-size", "64", "--progress", "none",
+           "--model-opt", "widths=[8, 8, 16, 16, 16]", "--model-opt", "fpn_channels=16",
+           "--model-opt", "norm=\"gn\""]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **env_extra)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _why(p):
+    lines = p.stderr.splitlines()
+    return "\n".join([l for l in lines if "error" in l.lower() or "[rank" in l][-40:] + lines[-15:])
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_dead_rank_under_torchrun_restarts_from_the_last_checkpoint(tmp_path):
+    """2 processes (gloo), --max-restarts 1: rank 1 is SIGKILLed mid-epoch (iteration 3, after the
+    epoch-0 checkpoint); torchrun restarts both, they resume (--resume auto) and finish with the
+    weights of an undisturbed run, bit for bit."""
+    calm = _torchrun(tmp_path / "calm", {})
+    assert calm.returncode == 0, _why(calm)
+    hurt = _torchrun(tmp_path / "hurt", {"FAULT_KILL_RANK": "1", "FAULT_KILL_ITER": "3"})
+    assert hurt.returncode == 0, _why(hurt)
+    assert "resumed from" in hurt.stderr and "resumed from" not in calm.stderr, hurt.stderr[-3000:]
+    assert "SIGKILL" in hurt.stderr or "Signals.SIGKILL" in hurt.stderr or "exitcode: -9" in hurt.stderr, hurt.stderr[-3000:]
+    a = load_checkpoint(str(tmp_path / "calm" / "checkpoint.pt"))
+    b = load_checkpoint(str(tmp_path / "hurt" / "checkpoint.pt"))
+    assert a["world_size"] == b["world_size"] == 2 and a["iteration"] == 6
+    assert_same_run(a, b)

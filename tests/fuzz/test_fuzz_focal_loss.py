@@ -45,14 +45,15 @@ def _ref_err(x64, t64, gamma):
     return (8 * eps(torch.float64) * (x64.abs() + 1) * amp).nan_to_num(float("inf"))
 
 
-def _grad_close(ours, exact, tol, what):
+def _grad_close(ours, exact, tol, what, vanishing=True):
     """Gradients at finite inputs. Where autograd through torchvision's float64 formula gives NaN
     at a finite logit (gamma < 1 at |x| large enough that 1 - p_t is 0 even in float64: inf * 0
     in d m^gamma / dm), the true gradient is finite and vanishing: ours must be finite and tiny
     there (found by the long profile: x = 1e5, t = 1, gamma = 0.5 gave torchvision NaN, ours 0)."""
     tv_nan = torch.isnan(exact)
     assert bool(torch.isfinite(ours[tv_nan]).all()), f"{what}: NaN gradient at a finite logit"
-    assert bool((ours[tv_nan].double().abs() <= 1e-6).all()), f"{what}: {ours[tv_nan]}"
+    if vanishing:
+        assert bool((ours[tv_nan].double().abs() <= 1e-6).all()), f"{what}: {ours[tv_nan]}"
     assert_close(ours[~tv_nan], exact[~tv_nan], tol[~tv_nan], what)
 
 
@@ -111,7 +112,9 @@ def test_dense_focal_loss(data, dtype, shape, alpha, gamma, reduction, soft, nee
         assert t.grad is not None
         gtt = (_tol(x64.detach(), t64.grad, dtype, True) * 4 + 64 * eps(torch.float32) * gscale * (x64.detach().abs() + 1)
                + 4 * rerr * gscale)
-        _grad_close(t.grad[finite], t64.grad[finite], gtt[finite], "d loss / d targets")
+        # d/dt at 1 - p_t = 0 with gamma < 1 is singular (c (1 - t)^(gamma - 1), c = log1p(e^-|x|)
+        # > 0): torchvision gives NaN, ours a finite value; only "no NaN" is asked there
+        _grad_close(t.grad[finite], t64.grad[finite], gtt[finite], "d loss / d targets", vanishing=False)
 
 
 labels_shapes = st.tuples(st.integers(0, 40), st.integers(0, 6))
