@@ -67,7 +67,17 @@ def _has_cuda_param(value) -> bool:
     return False
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-bigmem", action="store_true", default=False,
+                     help="also run the tests marked bigmem (more than 2^31 elements, ~10 GB of memory)")
+
+
 def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--run-bigmem"):
+        keep = [i for i in items if i.get_closest_marker("bigmem") is None]
+        if len(keep) != len(items):
+            config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("bigmem") is not None])
+            items[:] = keep
     for item in items:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and any(_has_cuda_param(v) for v in callspec.params.values()):
