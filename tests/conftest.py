@@ -98,6 +98,6 @@ else:
     _common = dict(deadline=None, database=None, print_blob=True,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                           HealthCheck.filter_too_much])
-    _hsettings.register_profile("ci", derandomize=True, max_examples=40, **_common)
+    _hsettings.register_profile("ci", derandomize=True, max_examples=100, **_common)
     _hsettings.register_profile("long", derandomize=False, max_examples=3000, **_common)
     _hsettings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -131,7 +131,7 @@ def match_anchors(anchors: Tensor, gt_boxes: Tensor, gt_counts: Tensor, high: fl
     out = []
     for b in range(gt_boxes.shape[0]):
         n = int(gt_counts[b])
-        if n == 0:
+        if n == 0 or anchors.shape[0] == 0:
             out.append(torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device))
             continue
         iou = box_iou(gt_boxes[b, :n], anchors)

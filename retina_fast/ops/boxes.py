@@ -249,7 +249,8 @@ def decode_boxes(
     Returns:
         Tensor shaped like rel_codes: decoded ``(x1, y1, x2, y2)`` in rel_codes' dtype.
         Differentiable w.r.t. ``rel_codes`` (not ``boxes``); the clamp passes gradient where
-        ``d <= clip``, as torch.clamp does.
+        ``d <= clip`` (inclusive, as torch.clamp does up to torch 2.11; torch 2.14 passes none
+        at ``d == clip`` exactly).
     """
     if math.isnan(float(clip)):
         raise ValueError("decode_boxes: expected a clip value (log of the largest scale), got clip=nan")

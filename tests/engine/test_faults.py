@@ -69,17 +69,24 @@ def test_sigkill_at_random_moments_never_loses_the_last_checkpoint(tmp_path):
         final = load_checkpoint(str(tmp_path / "ref" / "checkpoint.pt"))
         assert final["epoch"] == EPOCHS - 1
         rng = random.Random(15)
-        kills = ([{"write": phase, "nth": n} for phase in ("start", "mid", "before_rename", "after_rename")
-                  for n in (1, 2)]
-                 + [{"iteration": k} for k in (1, 3, 4, 6)]
-                 + [{"after_s": rng.uniform(0.05, ref["seconds"])} for _ in range(12)])
-        seen = {"killed": 0, "mid_write_files": 0, "no_checkpoint_yet": 0}
-        for i, kill in enumerate(kills):
+        chosen = ([{"write": phase, "nth": n} for phase in ("start", "mid", "before_rename", "after_rename")
+                   for n in (1, 2)]
+                  + [{"iteration": k} for k in (1, 3, 4, 6)])
+        seen = {"killed": 0, "timer_kills": 0, "timer_misses": 0, "mid_write_files": 0, "no_checkpoint_yet": 0}
+        i = 0
+        while i < len(chosen) or seen["timer_kills"] < 12:
+            # 12 kills at random times within the run (a timer that fires after the run ended is
+            # redrawn; the machine's speed varies), after the 12 kills at chosen moments
+            assert seen["timer_misses"] < 24, seen
+            kill = chosen[i] if i < len(chosen) else {"after_s": rng.uniform(0.02, 0.9) * ref["seconds"]}
             out = tmp_path / f"trial{i}"
+            i += 1
             r = srv.run(out, kill=kill)
             killed = r["signal"] == 9
-            assert killed or (r["exit"] == 0 and "after_s" in kill), (kill, r)  # a late timer may miss
+            assert killed or (r["exit"] == 0 and "after_s" in kill), (kill, r)
             seen["killed"] += killed
+            if "after_s" in kill:
+                seen["timer_kills" if killed else "timer_misses"] += 1
             path = out / "checkpoint.pt"
             if path.exists():  # the last complete checkpoint loads, whatever the moment of the kill
                 c = load_checkpoint(str(path))
@@ -112,6 +119,7 @@ def _cli_logger():
 
     log = logging.getLogger("retina_fast")
     saved = (log.handlers[:], log.propagate, log.level)
+    log.handlers[:], log.propagate = [], True  # an earlier main() may have left a closed stream
     yield
     log.handlers[:], log.propagate, log.level = saved[0], saved[1], saved[2]
 
@@ -275,6 +283,19 @@ def _torchrun(out, env_extra, max_restarts=1):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _torchrun_retrying(out, env_extra):
+    """_torchrun, once more from nothing when gloo itself failed to connect the two processes
+    (seen on a heavily loaded shared machine: "connectFullMesh failed ... Connection refused"
+    while setting up the process group, before any training) - an environment failure, not
+    the one under test."""
+    for attempt in range(3):
+        p = _torchrun(out, env_extra)
+        if p.returncode == 0 or "connectFullMesh failed" not in p.stderr:
+            return p
+        shutil.rmtree(out, ignore_errors=True)
+    return p
+
+
 def _why(p):
     lines = p.stderr.splitlines()
     return "\n".join([l for l in lines if "error" in l.lower() or "[rank" in l][-40:] + lines[-15:])
@@ -286,9 +307,9 @@ def test_dead_rank_under_torchrun_restarts_from_the_last_checkpoint(tmp_path):
     """2 processes (gloo), --max-restarts 1: rank 1 is SIGKILLed mid-epoch (iteration 3, after the
     epoch-0 checkpoint); torchrun restarts both, they resume (--resume auto) and finish with the
     weights of an undisturbed run, bit for bit."""
-    calm = _torchrun(tmp_path / "calm", {})
+    calm = _torchrun_retrying(tmp_path / "calm", {})
     assert calm.returncode == 0, _why(calm)
-    hurt = _torchrun(tmp_path / "hurt", {"FAULT_KILL_RANK": "1", "FAULT_KILL_ITER": "3"})
+    hurt = _torchrun_retrying(tmp_path / "hurt", {"FAULT_KILL_RANK": "1", "FAULT_KILL_ITER": "3"})
     assert hurt.returncode == 0, _why(hurt)
     assert "resumed from" in hurt.stderr and "resumed from" not in calm.stderr, hurt.stderr[-3000:]
     assert "SIGKILL" in hurt.stderr or "Signals.SIGKILL" in hurt.stderr or "exitcode: -9" in hurt.stderr, hurt.stderr[-3000:]

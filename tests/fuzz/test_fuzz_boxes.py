@@ -84,6 +84,13 @@ def test_decode_boxes(data, dtype, n, k, weights, clip):
     c64 = codes.detach().double().requires_grad_()
     ref.decode_boxes(c64, anc.to(dtype).double(), weights, clip).backward(g)
     fin = torch.isfinite(c64.grad) & torch.isfinite(codes.grad.double())
+    # at dw (or dh) == clip exactly, torch 2.14's clamp passes no gradient and torch <= 2.11's
+    # passes all of it (found by the long profile: codes 0, clip 0); the op keeps the inclusive
+    # convention (csrc/common/box_math.h), so those elements are not compared
+    scaled = (codes.detach().double().reshape(n, k, 4) / torch.tensor(weights, dtype=torch.float64))
+    at_clip = torch.zeros_like(scaled, dtype=torch.bool)
+    at_clip[..., 2:] = scaled[..., 2:].to(dtype).double() == torch.tensor(clip, dtype=dtype).double()
+    fin &= ~at_clip.reshape(n, 4 * k)
     gtol = 8 * (eps(dtype) if dtype != torch.float64 else eps(dtype)) * (c64.grad.abs() + g.abs() * mag) + 1e-30
     if dtype in (torch.float16, torch.bfloat16):
         gtol = gtol * 4
