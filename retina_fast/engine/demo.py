@@ -10,6 +10,7 @@ Results folder (default ``retina_fast_demo/``)::
     summary.json                        mAP, timings, device, threads, settings
 
 Training images are rendered on the fly in DataLoader workers (never the same image twice).
+A second demo run into the same folder replaces the first one's results (its checkpoint included).
 Training is time-budgeted: the cosine schedule is fitted to ``time_budget`` seconds from the
 measured speed, so the run ends on time on a slow or busy machine (with a lower mAP).
 """

@@ -282,6 +282,8 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
         set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         if is_main:
             log.info("resumed from %s at epoch %d (iteration %d)", resume, start_epoch, it)
+            # a kill between the checkpoint's rename and history.json's left the latter behind
+            atomic_write_json(history, os.path.join(cfg.out_dir, "history.json"))
 
     ddp_model = model
     if world > 1:

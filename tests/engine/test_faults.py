@@ -71,6 +71,8 @@ def test_sigkill_at_random_moments_never_loses_the_last_checkpoint(tmp_path):
         rng = random.Random(15)
         chosen = ([{"write": phase, "nth": n} for phase in ("start", "mid", "before_rename", "after_rename")
                    for n in (1, 2)]
+                  # the last write: a complete final checkpoint, history.json not yet rewritten
+                  + [{"write": "after_rename", "nth": EPOCHS}]
                   + [{"iteration": k} for k in (1, 3, 4, 6)])
         seen = {"killed": 0, "timer_kills": 0, "timer_misses": 0, "mid_write_files": 0, "no_checkpoint_yet": 0}
         i = 0
