@@ -158,9 +158,10 @@ def cmd_train(args, argv):
     from retina_fast.data import CocoDetection, ShapesConfig, ShapesStream, SHAPES_CATEGORIES, eval_transforms, train_transforms
     from retina_fast.engine.evaluate import evaluate
     from retina_fast.engine.plots import plot_loss_curve
-    from retina_fast.engine.train import TrainConfig, check_writable_dir, train
+    from retina_fast.engine.train import TrainConfig, check_writable_dir, resolve_resume, train
 
     check_writable_dir(args.out)
+    resolve_resume(args.out, args.resume, args.overwrite)  # refused before OUT is touched
     model_kwargs = rconfig.model_kwargs(args)
     _start_run_files(args, argv)
 
@@ -193,7 +194,7 @@ def cmd_train(args, argv):
         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
         lr_steps=tuple(args.lr_steps or ()), lr_gamma=args.lr_gamma, warmup_iters=args.warmup_iters,
         clip_grad=args.clip_grad, amp=args.amp, sync_bn=args.sync_bn, device=args.device,
-        seed=args.seed, resume=args.resume, init_from=args.init_from,
+        seed=args.seed, resume=args.resume, overwrite=args.overwrite, init_from=args.init_from,
         backbone_weights=args.backbone_weights, time_budget=args.time_budget, max_iters=args.max_iters,
         log_every=args.log_every, progress=args.progress, tensorboard=args.tensorboard,
     )
@@ -517,7 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-iters", type=int, help="stop after this many iterations")
     g = t.add_argument_group("run")
     g.add_argument("--out", default="runs/train", help="output folder")
-    g.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint.pt (bit-for-bit)")
+    g.add_argument("--resume", metavar="CHECKPOINT",
+                   help="continue from a checkpoint.pt (bit-for-bit); 'auto': from OUT/checkpoint.pt "
+                        "if it exists, else from scratch (what a restarted job should run)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start from scratch even if OUT/checkpoint.pt exists (it is replaced when "
+                        "the first epoch ends); without it that is an error")
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--log-every", type=int, default=50, help="iterations between progress lines (no TTY)")

@@ -13,12 +13,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import torch, torchvision, pytest, pytest_benchmark, pycocotools, ninja, yaml, tensorboard, faster_coco_eval" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import torch, torchvision, pytest, pytest_benchmark, pycocotools, ninja, yaml, tensorboard, faster_coco_eval, hypothesis" 2>/dev/null; then
   echo "== installing $TORCH_SPEC and dependencies"
   "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install -q $TORCH_SPEC numpy ninja pytest pytest-benchmark expecttest \
-      pycocotools pillow matplotlib tqdm pyyaml tensorboard faster-coco-eval
+      pycocotools pillow matplotlib tqdm pyyaml tensorboard faster-coco-eval hypothesis
 fi
 
 echo "== building the extension (FORCE_CUDA=${FORCE_CUDA:-auto}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})"

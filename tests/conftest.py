@@ -67,8 +67,37 @@ def _has_cuda_param(value) -> bool:
     return False
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-bigmem", action="store_true", default=False,
+                     help="also run the tests marked bigmem (more than 2^31 elements, ~10 GB of memory)")
+
+
 def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--run-bigmem"):
+        keep = [i for i in items if i.get_closest_marker("bigmem") is None]
+        if len(keep) != len(items):
+            config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("bigmem") is not None])
+            items[:] = keep
     for item in items:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and any(_has_cuda_param(v) for v in callspec.params.values()):
             item.add_marker(pytest.mark.cuda)
+
+
+# ---------------------------------------------------------------- hypothesis profiles
+# tests/fuzz/ fuzzes every op with hypothesis. "ci" (the default) is derandomised: the same
+# examples every run, a fixed count per op, so CI is reproducible and stays within ~2 minutes.
+# "long" (pytest tests/fuzz --hypothesis-profile=long --hypothesis-show-statistics) draws
+# thousands of random examples per op. Registered here, before the hypothesis plugin reads
+# --hypothesis-profile (tests/fuzz/conftest.py is collected too late for that).
+try:
+    from hypothesis import HealthCheck, settings as _hsettings
+except ImportError:  # hypothesis is a test dependency of tests/fuzz only (skipped without it)
+    pass
+else:
+    _common = dict(deadline=None, database=None, print_blob=True,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                          HealthCheck.filter_too_much])
+    _hsettings.register_profile("ci", derandomize=True, max_examples=100, **_common)
+    _hsettings.register_profile("long", derandomize=False, max_examples=3000, **_common)
+    _hsettings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

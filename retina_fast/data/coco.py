@@ -24,6 +24,16 @@ load with a warning; a file that fails to decode during training is skipped with
 the next image is used in its place (so every batch keeps its size, which DDP needs). No usable
 image at all is a :class:`DatasetError`.
 
+Images from the wild are decoded to 8-bit RGB whatever they hold (:func:`read_image`):
+grayscale (``L``) and palette images are expanded, RGBA/LA drop their alpha channel (as
+torchvision's ``ImageReadMode.RGB`` does), CMYK JPEGs are converted by Pillow, 16-bit (and
+32-bit integer) grayscale PNGs are scaled to 8 bits (``v / 257``, so 65535 is 255; a plain
+``convert("RGB")`` saturates them to white), and the EXIF orientation is applied, so the image
+is the one a browser or an annotation tool shows. Exception: when the annotation file's
+``width``/``height`` match the stored (unrotated) pixels and not the rotated ones, the
+annotations were made on the stored pixels and the orientation is ignored (one warning). A
+truncated file fails to decode and is skipped like any unreadable image.
+
 pycocotools is not needed to read a dataset (only to evaluate); :meth:`coco_api` builds a
 ``pycocotools.coco.COCO`` over the same, already validated, dictionary.
 """
@@ -39,7 +49,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from retina_fast.data.errors import DatasetError
 from retina_fast.data.shapes import _sample_seed
@@ -102,6 +112,42 @@ def load_coco_json(ann_file: str) -> dict:
         a.setdefault("area", float(b[2] * b[3]))
         a.setdefault("id", i + 1)
     return data
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3] of a decoded Pillow image of any mode (see the module docstring)."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im).astype(np.int64)
+        a = ((np.clip(a, 0, 65535) + 128) // 257).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=2)
+    if im.mode == "F":
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        a = a * 255.0 if a.size and a.max() <= 1.0 else a
+        return np.repeat(np.clip(np.rint(a), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im)
+
+
+def read_image(path: str, expected_size=None):
+    """Decode ``path`` to ``(uint8 [H, W, 3] RGB, exif_ignored)``: EXIF orientation applied unless
+    ``expected_size`` ``(w, h)`` matches the stored pixels but not the rotated ones (then
+    ``exif_ignored`` is True). Raises OSError/ValueError for an unreadable or truncated file."""
+    with Image.open(path) as im:
+        im.load()  # decode now: a truncated file fails here, not later
+        raw = im.size
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+        ignored = False
+        if orientation not in (None, 1):
+            upright = ImageOps.exif_transpose(im)
+            if expected_size is not None and tuple(expected_size) == raw and upright.size != raw:
+                ignored = True
+            else:
+                im = upright
+        return _to_rgb(im), ignored
 
 
 class CocoDetection:
@@ -201,9 +247,15 @@ class CocoDetection:
         return coco
 
     def _load_image(self, idx: int) -> torch.Tensor:
-        path = os.path.join(self.image_dir, self.images[idx]["file_name"])
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
+        info = self.images[idx]
+        path = os.path.join(self.image_dir, info["file_name"])
+        w, h = info.get("width"), info.get("height")
+        arr, ignored = read_image(path, (w, h) if _is_number(w) and _is_number(h) else None)
+        if ignored and not getattr(self, "_warned_exif", False):
+            self._warned_exif = True
+            log.warning("%s: its width/height in %s match the stored pixels, not the EXIF-rotated "
+                        "image; its EXIF orientation (and that of any such image) is ignored",
+                        path, self.ann_file)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
     def get_target(self, idx: int) -> dict:

@@ -1,5 +1,9 @@
-"""Checkpoints: written atomically (temp file in the same folder, fsync, rename), so a crash or a
-full disk mid-write never leaves a half-written file where the last good checkpoint was.
+"""Checkpoints: written atomically (serialised in memory, written to a temporary file in the same
+folder, fsync, rename, fsync of the folder), so a crash, a SIGKILL or a full disk mid-write
+never leaves a half-written file where the last good checkpoint was. A failed write is a
+one-line :class:`CheckpointWriteError` and removes its temporary file; the previous file is
+untouched. Temporary files a killed process left behind (``.NAME.tmp.PID``) are removed by
+:func:`remove_stale_temporaries` when the next run starts.
 
 Loading is safe: every file is opened with ``torch.load(weights_only=True)``, whose unpickler
 builds only tensors, plain containers (dict, list, tuple, str, numbers, None) and allow-listed
@@ -14,6 +18,9 @@ through the same restricted unpickler).
 
 from __future__ import annotations
 
+import glob
+import io
+import json
 import os
 import random
 
@@ -26,21 +33,81 @@ from retina_fast.models.weights import CHECKPOINT_FORMAT, WeightsError, load_fil
 FORMAT = CHECKPOINT_FORMAT
 
 
-def atomic_save(obj, path: str) -> None:
+class CheckpointWriteError(RetinaFastError):
+    """A checkpoint (or another run file) could not be written; the previous one is intact."""
+
+
+def _write_bytes(f, data: bytes) -> None:
+    # One place where the bytes reach the file (tests patch it to simulate a full disk).
+    f.write(data)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _fsync_dir(d: str) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(path: str) -> str:
     d = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    return os.path.join(d, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+
+
+def atomic_write(data: bytes, path: str) -> None:
+    """Replace ``path`` by ``data`` atomically; a failure is a :class:`CheckpointWriteError` and
+    leaves ``path`` as it was."""
+    tmp = _tmp_name(path)
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            _write_bytes(f, data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except OSError as e:
+        _remove(tmp)
+        raise CheckpointWriteError(
+            f"cannot write {path}: {e.strerror or e}; the previous file there is unchanged") from None
     except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
+        _remove(tmp)
         raise
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save(obj)`` to ``path`` atomically. Serialised in memory first, so that a write
+    error is the OSError of one write (torch's zip writer turns it into an unclear
+    RuntimeError) and the file is only open for as long as one write takes."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(buf.getbuffer().tobytes(), path)
+
+
+def atomic_write_json(obj, path: str) -> None:
+    atomic_write(json.dumps(obj).encode("utf-8"), path)
+
+
+def remove_stale_temporaries(path: str) -> list:
+    """Delete the temporary files of ``path`` that killed writers left (``.NAME.tmp.*``)."""
+    gone = []
+    for f in glob.glob(os.path.join(glob.escape(os.path.dirname(os.path.abspath(path))),
+                                    f".{glob.escape(os.path.basename(path))}.tmp.*")):
+        _remove(f)
+        gone.append(f)
+    return gone
 
 
 def rng_state() -> dict:

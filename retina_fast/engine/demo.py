@@ -10,6 +10,7 @@ Results folder (default ``retina_fast_demo/``)::
     summary.json                        mAP, timings, device, threads, settings
 
 Training images are rendered on the fly in DataLoader workers (never the same image twice).
+A second demo run into the same folder replaces the first one's results (its checkpoint included).
 Training is time-budgeted: the cosine schedule is fitted to ``time_budget`` seconds from the
 measured speed, so the run ends on time on a slow or busy machine (with a lower mAP).
 """
@@ -67,7 +68,7 @@ def run_demo(out_dir: str = "retina_fast_demo", time_budget: float | None = None
         epochs=10 ** 6, batch_size=batch_size, workers=workers, optimizer="adamw", lr=lr,
         weight_decay=0.05, schedule="cosine", warmup_iters=100, clip_grad=10.0, amp=amp,
         device=str(dev), seed=seed, time_budget=budget, max_iters=max_iters, log_every=50,
-        progress=progress,
+        progress=progress, overwrite=True,  # a demo run replaces the previous demo's results
     )
     print(f"[demo] training shapes-small on {dev} for {budget:.0f} s "
           f"(batch {batch_size}, {torch.get_num_threads()} threads, {workers} data workers)", flush=True)

@@ -58,12 +58,11 @@ def draw_detections(image: torch.Tensor, det: dict, class_names, score_thresh: f
 
 def read_image(path: str) -> torch.Tensor:
     """``uint8 [3, H, W]`` RGB, turned upright by the EXIF orientation tag when it has one
-    (phone photos are stored sideways with a tag that says so)."""
-    from PIL import ImageOps
+    (phone photos are stored sideways with a tag that says so); 8-bit RGB whatever the file
+    holds (grayscale, RGBA, 16-bit, CMYK: see :func:`retina_fast.data.coco.read_image`)."""
+    from retina_fast.data.coco import read_image as _read_rgb
 
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        arr = np.array(im.convert("RGB"))
+    arr, _ = _read_rgb(path)
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 

@@ -22,8 +22,20 @@
   retina_fast checkpoint; a class layer for another number of classes is re-initialised and
   the run says so) and ``backbone_weights`` (a torchvision ResNet state_dict for
   ``backbone.body``); see :func:`~retina_fast.engine.model_factory.init_weights`.
+* ``resume="auto"`` (``--resume auto``): continue from ``<out>/checkpoint.pt`` if it exists,
+  else start from scratch: the command a restarted job (``torchrun --max-restarts``) repeats.
+  Starting from scratch in a folder that already holds a checkpoint is refused
+  (:class:`CheckpointExistsError`) unless ``overwrite`` (``--overwrite``): a run never
+  silently replaces a checkpoint, even a corrupt one (which ``resume`` reports in one line).
+* Faults: a checkpoint write that fails (a full disk) is a one-line
+  :class:`~retina_fast.engine.checkpoint.CheckpointWriteError` and leaves the previous
+  checkpoint intact; a kill at any moment, mid-write included, leaves the last complete
+  checkpoint loadable (the temporary file a killed writer left is removed at the next start).
 * A non-finite loss (or, without AMP, gradient norm) stops training before the update with
-  :class:`NonFiniteLossError`; the last good checkpoint is left as it was.
+  :class:`NonFiniteLossError` naming the epoch, the iteration and the batch's image ids (on
+  every rank: the ids of the ranks whose loss was not finite); a target the model rejects (a
+  NaN or degenerate box, a label out of range) stops it the same way with
+  :class:`BadTrainingDataError`. The last good checkpoint is left as it was.
 * ``time_budget`` (seconds): stop when it is spent, and fit the cosine schedule to it: the total
   iteration count is re-estimated from the measured speed every ``log_every`` iterations, so the
   learning rate reaches its floor as the budget runs out. Such a run is not bit-reproducible.
@@ -38,7 +50,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -51,17 +62,42 @@ from retina_fast.data.errors import RetinaFastError
 from retina_fast.data.loader import EpochSampler, make_loader
 from retina_fast.engine import distributed as rdist
 from retina_fast.engine.checkpoint import (
-    FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state,
+    FORMAT, atomic_save, atomic_write_json, load_checkpoint, remove_stale_temporaries, rng_state,
+    set_rng_state,
 )
 from retina_fast.engine.logging_utils import MetricsLogger, Progress
 from retina_fast.engine.model_factory import build_model, init_weights, param_groups, pretrained_kwargs
 from retina_fast.engine.schedule import WarmupSchedule
+from retina_fast.models.loss import InputError
 
 log = logging.getLogger("retina_fast")
 
 
 class NonFiniteLossError(RetinaFastError):
     """The loss (or gradient) became NaN/inf; training stopped before applying the update."""
+
+
+class BadTrainingDataError(RetinaFastError):
+    """A batch the model rejects (bad boxes or labels); training stopped before the update."""
+
+
+class CheckpointExistsError(RetinaFastError):
+    """Training from scratch would replace an existing checkpoint."""
+
+
+def resolve_resume(out_dir: str, resume: str | None, overwrite: bool = False) -> str | None:
+    """The checkpoint to resume from: ``resume``, or for ``"auto"`` ``<out>/checkpoint.pt`` if it
+    exists (else None). Starting from scratch where a checkpoint exists is a
+    :class:`CheckpointExistsError` unless ``overwrite``."""
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    if resume == "auto":
+        return ckpt_path if os.path.lexists(ckpt_path) else None
+    if resume is None and not overwrite and os.path.lexists(ckpt_path):
+        raise CheckpointExistsError(
+            f"{ckpt_path} exists: training from scratch would replace it. Continue it with "
+            f"--resume auto (or --resume {ckpt_path}), start again with --overwrite, or choose "
+            "another --out")
+    return resume
 
 
 @dataclass
@@ -86,7 +122,8 @@ class TrainConfig:
     sync_bn: bool = False
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     seed: int = 0
-    resume: str | None = None
+    resume: str | None = None      # a checkpoint path, or "auto": <out>/checkpoint.pt if it exists
+    overwrite: bool = False         # start from scratch even where <out>/checkpoint.pt exists
     init_from: str | None = None        # weights file to start from (class head re-initialised if K differs)
     backbone_weights: str | None = None  # ResNet state_dict file for backbone.body
     time_budget: float | None = None  # seconds of training (the demo)
@@ -144,6 +181,34 @@ def _to_device(images, targets, device):
     return images, targets
 
 
+def _ids_text(ids) -> str:
+    ids = list(ids)
+    return ", ".join(str(i) for i in ids[:32]) + (f" and {len(ids) - 32} more" if len(ids) > 32 else "")
+
+
+def _stop_on_bad_batch(epoch, it, ids, finite, bad_input, losses, world, ckpt_path):
+    """Every rank raises the same error, naming the images of the ranks whose batch was bad."""
+    parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+    mine = (not finite, list(ids), bad_input, parts)
+    reports = [mine]
+    if world > 1:
+        reports = [None] * world
+        torch.distributed.all_gather_object(reports, mine)
+    bad = [r for r in reports if r[0]]
+    bad_ids = [i for r in bad for i in r[1]]
+    where = (f"at epoch {epoch}, iteration {it} (images {_ids_text(bad_ids)}"
+             f"{', rank ' + ', '.join(str(reports.index(r)) for r in bad) if world > 1 else ''})")
+    kept = f" at {ckpt_path}" if ckpt_path else " (none written yet)"
+    input_errors = [r[2] for r in bad if r[2]]
+    if input_errors:
+        raise BadTrainingDataError(f"bad training data {where}: {input_errors[0]}; stopped before the "
+                                   f"update. The last good checkpoint is untouched{kept}")
+    raise NonFiniteLossError(
+        f"non-finite loss {where}{' (' + bad[0][3] + ')' if bad and bad[0][3] else ''}; stopped before "
+        f"the update. The last good checkpoint is untouched{kept}. "
+        "Try a lower --lr, --warmup-iters longer, --clip-grad, or no --amp")
+
+
 def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
@@ -160,11 +225,16 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
     if is_main:
         check_writable_dir(cfg.out_dir)
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+    resume = resolve_resume(cfg.out_dir, cfg.resume, cfg.overwrite)
+    if is_main:
+        for f in remove_stale_temporaries(ckpt_path) + remove_stale_temporaries(
+                os.path.join(cfg.out_dir, "history.json")):
+            log.info("removed %s, left by a run that was killed while writing", f)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     model_kwargs = pretrained_kwargs(cfg.model, cfg.model_kwargs, cfg.init_from, cfg.backbone_weights)
     model = build_model(cfg.model, len(categories), **model_kwargs)
-    if not cfg.resume:  # a resumed run's weights come from its checkpoint
+    if not resume:  # a resumed run's weights come from its checkpoint
         for msg in init_weights(model, cfg.model, cfg.init_from, cfg.backbone_weights):
             if is_main:
                 log.info(msg)
@@ -197,11 +267,11 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
 
     start_epoch, it, history, images_seen = 0, 0, [], 0
-    if cfg.resume:
-        ckpt = load_checkpoint(cfg.resume)
+    if resume:
+        ckpt = load_checkpoint(resume)
         if ckpt["model_config"]["name"] != cfg.model or ckpt["model_config"]["num_classes"] != len(categories):
             raise RetinaFastError(
-                f"{cfg.resume} holds a {ckpt['model_config']['name']} model with "
+                f"{resume} holds a {ckpt['model_config']['name']} model with "
                 f"{ckpt['model_config']['num_classes']} classes; this run builds {cfg.model} "
                 f"with {len(categories)}")
         model.load_state_dict(ckpt["model"])
@@ -222,7 +292,9 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
         images_seen = ckpt.get("images_seen", 0)
         set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         if is_main:
-            log.info("resumed from %s at epoch %d (iteration %d)", cfg.resume, start_epoch, it)
+            log.info("resumed from %s at epoch %d (iteration %d)", resume, start_epoch, it)
+            # a kill between the checkpoint's rename and history.json's left the latter behind
+            atomic_write_json(history, os.path.join(cfg.out_dir, "history.json"))
 
     ddp_model = model
     if world > 1:
@@ -257,8 +329,7 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
             "world_size": world,
             **({"config": config} if config is not None else {}),
         }, ckpt_path)
-        with open(os.path.join(cfg.out_dir, "history.json"), "w") as f:
-            json.dump(history, f)
+        atomic_write_json(history, os.path.join(cfg.out_dir, "history.json"))
 
     progress = Progress(cfg.progress, sched_fn.total_iters, "[train]", enabled=is_main,
                         every=cfg.log_every, start=it)
@@ -273,26 +344,29 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
             sampler.set_epoch(epoch)
             stop = False
             for images, targets in loader:
+                ids = [t.get("image_id") for t in targets]
                 images, targets = _to_device(images, targets, device)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
-                    losses = ddp_model(images, targets)
-                loss = sum(losses.values())
+                bad_input = None
+                try:
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+                        losses = ddp_model(images, targets)
+                    loss = sum(losses.values())
+                    finite = bool(torch.isfinite(loss).item())
+                except InputError as e:  # a target the model rejects: stop every rank alike
+                    bad_input, finite, losses = str(e), False, {}
                 elapsed = time.perf_counter() - t0
                 # One small all-reduce carries everything the ranks must agree on.
-                flags = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0,
+                flags = torch.tensor([0.0 if finite else 1.0,
                                       1.0 if cfg.time_budget and elapsed >= cfg.time_budget else 0.0,
                                       float(sched_fn.total_iters) if is_main else 0.0])
-                vals = torch.stack([loss.detach().float()] + [v.detach().float() for v in losses.values()]).cpu()
                 if world > 1:
                     rdist.all_reduce_max(flags)
-                    rdist.all_reduce_mean(vals)
                 if flags[0] > 0:
-                    parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-                    raise NonFiniteLossError(
-                        f"non-finite loss at epoch {epoch}, iteration {it} ({parts}); stopped before "
-                        f"the update. The last good checkpoint is untouched"
-                        f"{' at ' + ckpt_path if os.path.exists(ckpt_path) else ' (none written yet)'}. "
-                        "Try a lower --lr, --warmup-iters longer, --clip-grad, or no --amp")
+                    _stop_on_bad_batch(epoch, it, ids, finite, bad_input, losses, world,
+                                       ckpt_path if os.path.exists(ckpt_path) else None)
+                vals = torch.stack([loss.detach().float()] + [v.detach().float() for v in losses.values()]).cpu()
+                if world > 1:
+                    rdist.all_reduce_mean(vals)
                 sched_fn.total_iters = int(flags[2].item())
 
                 opt.zero_grad(set_to_none=True)
@@ -302,8 +376,9 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
                     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                     if not use_scaler and not torch.isfinite(gnorm):
                         raise NonFiniteLossError(
-                            f"non-finite gradient norm at epoch {epoch}, iteration {it}; stopped "
-                            "before the update, the last good checkpoint is untouched. Try a lower --lr")
+                            f"non-finite gradient norm at epoch {epoch}, iteration {it} (images "
+                            f"{_ids_text(ids)}); stopped before the update, the last good checkpoint "
+                            "is untouched. Try a lower --lr")
                 scaler.step(opt)
                 scaler.update()
                 scheduler.step()

@@ -43,6 +43,10 @@ class AnchorGenerator(nn.Module):
                 f"AnchorGenerator: expected one tuple of aspect ratios per tuple of sizes, got "
                 f"{len(sizes)} sizes and {len(aspect_ratios)} aspect ratios"
             )
+        if any(not (float(v) > 0) for s in sizes for v in s):
+            raise ValueError(f"AnchorGenerator: expected positive sizes, got {sizes}")
+        if any(not (0 < float(v) < float("inf")) for a in aspect_ratios for v in a):
+            raise ValueError(f"AnchorGenerator: expected positive finite aspect_ratios, got {aspect_ratios}")
         self.sizes = sizes
         self.aspect_ratios = aspect_ratios
         self.cell_anchors = [self.generate_anchors(s, a) for s, a in zip(sizes, aspect_ratios)]

@@ -32,6 +32,26 @@ class PackedTargets(NamedTuple):
     all_counts: Tensor  # [B] int64: every valid row (counts + crowd_counts)
 
 
+class InputError(ValueError, TypeError, AssertionError):
+    """Bad input to the model (images, targets): a ``ValueError``, and also the ``TypeError`` /
+    ``AssertionError`` torchvision's detection models raise for the same input, so code written
+    against torchvision's RetinaNet still catches it."""
+
+
+def _check_target(i: int, t: Dict[str, Tensor]) -> None:
+    boxes, labels = t.get("boxes"), t.get("labels")
+    if not isinstance(boxes, Tensor) or not isinstance(labels, Tensor):
+        raise InputError(f"targets[{i}]: expected Tensor 'boxes' and 'labels', got {sorted(t)}")
+    if boxes.dim() != 2 or boxes.shape[-1] != 4:
+        raise InputError(f"Expected target boxes to be a tensor of shape [N, 4], got {list(boxes.shape)} "
+                         f"for target at index {i}.")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise InputError(f"targets[{i}]['labels']: expected integer class labels, got dtype {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != boxes.shape[0]:
+        raise InputError(f"targets[{i}]['labels']: expected shape [{boxes.shape[0]}] (one per box), "
+                         f"got {list(labels.shape)}")
+
+
 def pack_targets(targets: Sequence[Dict[str, Tensor]], device: torch.device, dtype: torch.dtype = torch.float32
                  ) -> PackedTargets:
     """Pad the targets' ``boxes``/``labels`` (and ``iscrowd``, optional) into batch tensors.
@@ -40,6 +60,8 @@ def pack_targets(targets: Sequence[Dict[str, Tensor]], device: torch.device, dty
     ``counts`` covers exactly the boxes to match and rows ``[counts, counts + crowd_counts)``
     hold the crowd regions. Without crowd boxes the order is the targets' own.
     """
+    for i, t in enumerate(targets):
+        _check_target(i, t)
     B = len(targets)
     n = [int(t["boxes"].shape[0]) for t in targets]
     M = max([1] + n)  # at least one (zero) row, so gathers on an all-empty batch stay valid
@@ -69,25 +91,35 @@ def pack_targets(targets: Sequence[Dict[str, Tensor]], device: torch.device, dty
     return PackedTargets(boxes, labels, counts, crowd_counts, counts)
 
 
-def check_degenerate_boxes(packed: PackedTargets, targets: Sequence[Dict[str, Tensor]]) -> None:
-    """torchvision's check (after the transform): every box needs ``x2 > x1`` and ``y2 > y1``.
+def check_degenerate_boxes(packed: PackedTargets, targets: Sequence[Dict[str, Tensor]],
+                           num_classes: Optional[int] = None) -> None:
+    """torchvision's check (after the transform): every box needs ``x2 > x1`` and ``y2 > y1``
+    (a NaN coordinate fails it too: NaN boxes would silently match nothing); with
+    ``num_classes``, every label must be in ``[0, num_classes)`` (a negative one would silently
+    train as background or be ignored).
 
-    One reduction over the batch; on failure the message names the first bad box and its
-    image, as torchvision's does (an ``AssertionError`` through ``torch._assert``)."""
+    One reduction over the batch; on failure the message names the first bad box (or label) and
+    its image, as torchvision's does; the error is an :class:`InputError` (a ``ValueError`` and
+    the ``AssertionError`` torchvision raises)."""
     M = packed.boxes.shape[1]
     valid = torch.arange(M, device=packed.boxes.device)[None, :] < packed.all_counts[:, None]
-    bad = (packed.boxes[..., 2:] <= packed.boxes[..., :2]).any(-1) & valid
+    bad = ~(packed.boxes[..., 2:] > packed.boxes[..., :2]).all(-1) & valid
+    if num_classes is not None:
+        bad_label = ((packed.labels < 0) | (packed.labels >= num_classes)) & valid
+        bad = torch.stack([bad, bad_label])
     if bool(bad.any()):
         for target_idx, target in enumerate(targets):  # error path only
             b = target["boxes"]
-            degenerate = (b[:, 2:] <= b[:, :2]).any(dim=1)
+            degenerate = ~(b[:, 2:] > b[:, :2]).all(dim=1)
             if degenerate.any():
                 degen_bb: List[float] = b[torch.where(degenerate)[0][0]].tolist()
-                torch._assert(
-                    False,
+                raise InputError(
                     "All bounding boxes should have positive height and width."
-                    f" Found invalid box {degen_bb} for target at index {target_idx}.",
-                )
+                    f" Found invalid box {degen_bb} for target at index {target_idx}.")
+            lab = target["labels"]
+            if num_classes is not None and lab.numel() and bool(((lab < 0) | (lab >= num_classes)).any()):
+                v = int(lab[(lab < 0) | (lab >= num_classes)][0])
+                raise InputError(f"targets[{target_idx}]['labels']: expected classes in [0, {num_classes}), got {v}")
 
 
 def _crowd_ignore(labels: Tensor, matches: Tensor, anchors: Tensor, packed: PackedTargets, thresh: float

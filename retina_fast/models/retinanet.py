@@ -20,7 +20,9 @@ from retina_fast.models import weights as rw
 from retina_fast.models.anchors import AnchorGenerator, retinanet_anchor_generator
 from retina_fast.models.backbone import resnet_fpn_backbone
 from retina_fast.models.head import RetinaNetHead
-from retina_fast.models.loss import BOX_LOSSES, RetinaNetLoss, check_degenerate_boxes, pack_targets
+from retina_fast.models.loss import (
+    BOX_LOSSES, InputError, RetinaNetLoss, _check_target, check_degenerate_boxes, pack_targets,
+)
 from retina_fast.ops.nms import postprocess_detections_padded
 
 __all__ = ["RetinaNet", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "retinanet_resnet_fpn"]
@@ -149,6 +151,11 @@ class RetinaNet(nn.Module):
     # ---------------------------------------------------------------- forward
 
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None):
+        # Bad input is an InputError (a ValueError, and the AssertionError / TypeError that
+        # torchvision raises for the same input) naming what is wrong, never a crash or an
+        # empty result (tests/robustness: the bad-input matrix).
+        if len(images) == 0:
+            raise InputError("images: expected a non-empty list of Tensor[C, H, W]")
         if self.training:
             return self._forward(images, targets)
         # The one host read of the eval path (how many detections each image has), here in the
@@ -170,24 +177,33 @@ class RetinaNet(nn.Module):
     def _forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]]):
         if self.training:
             if targets is None:
-                torch._assert(False, "targets should not be none when in training mode")
-            for target in targets:
-                boxes = target["boxes"]
-                torch._assert(isinstance(boxes, torch.Tensor), "Expected target boxes to be of type Tensor.")
-                torch._assert(len(boxes.shape) == 2 and boxes.shape[-1] == 4,
-                              "Expected target boxes to be a tensor of shape [N, 4].")
+                raise InputError("targets should not be none when in training mode")
+            if len(targets) != len(images):
+                raise InputError(f"targets: expected one dict per image, got {len(targets)} targets for "
+                                 f"{len(images)} images")
+            for i, target in enumerate(targets):
+                _check_target(i, target)
+        channels = len(self.transform.image_mean)
         original_image_sizes: List[Tuple[int, int]] = []
-        for img in images:
+        for i, img in enumerate(images):
+            if img.dim() != 3:
+                raise InputError(f"images[{i}]: expected a Tensor[C, H, W], got shape {list(img.shape)}")
+            if img.shape[0] != channels:
+                raise InputError(f"images[{i}]: expected {channels} channels (the normalisation's "
+                                 f"image_mean), got shape {list(img.shape)}")
+            if not img.is_floating_point():
+                raise InputError(f"images[{i}]: Expected input images to be of floating type (in range [0, 1]), "
+                                 f"but found type {img.dtype} instead")
+            if img.shape[-1] == 0 or img.shape[-2] == 0:
+                raise InputError(f"images[{i}]: an empty image, shape {list(img.shape)}")
             val = img.shape[-2:]
-            torch._assert(len(val) == 2,
-                          f"expecting the last two dimensions of the Tensor to be H and W instead got {img.shape[-2:]}")
             original_image_sizes.append((val[0], val[1]))
 
         images, targets = self.transform(images, targets)
         packed = None
         if self.training:
             packed = pack_targets(targets, images.tensors.device)
-            check_degenerate_boxes(packed, targets)
+            check_degenerate_boxes(packed, targets, self.num_classes)
 
         features = self.backbone(images.tensors)
         if isinstance(features, torch.Tensor):

@@ -90,12 +90,16 @@ __all__ += [
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """torchvision.ops.box_iou: `rb - lt` in the boxes' dtype, then float32 (float64 stays)."""
+    """torchvision.ops.box_iou: `rb - lt` in the boxes' dtype, then float32 (float64 stays);
+    each set's areas in its own upcast dtype (float32 unless float64), then promoted."""
+    def area(b):
+        up = torch.float64 if b.dtype == torch.float64 else torch.float32
+        return (b[:, 2].to(up) - b[:, 0].to(up)) * (b[:, 3].to(up) - b[:, 1].to(up))
+
+    area1, area2 = area(boxes1), area(boxes2)
     dtype = torch.promote_types(boxes1.dtype, boxes2.dtype)
     boxes1, boxes2 = boxes1.to(dtype), boxes2.to(dtype)
     up = torch.float64 if dtype == torch.float64 else torch.float32
-    area1 = (boxes1[:, 2].to(up) - boxes1[:, 0].to(up)) * (boxes1[:, 3].to(up) - boxes1[:, 1].to(up))
-    area2 = (boxes2[:, 2].to(up) - boxes2[:, 0].to(up)) * (boxes2[:, 3].to(up) - boxes2[:, 1].to(up))
     lt = torch.maximum(boxes1[:, None, :2], boxes2[None, :, :2])
     rb = torch.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
     wh = (rb - lt).to(up).clamp(min=0)
@@ -127,7 +131,7 @@ def match_anchors(anchors: Tensor, gt_boxes: Tensor, gt_counts: Tensor, high: fl
     out = []
     for b in range(gt_boxes.shape[0]):
         n = int(gt_counts[b])
-        if n == 0:
+        if n == 0 or anchors.shape[0] == 0:
             out.append(torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device))
             continue
         iou = box_iou(gt_boxes[b, :n], anchors)

@@ -76,6 +76,9 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
           bitwise torchvision's wherever its integer intersection and union are below 2^24
           (coordinates up to ~4,000); past that more exact (torchvision's int32 products
           overflow past 46,340, and its 8-bit differences wrap around).
+        * float64 boxes beside float32/16-bit ones: torchvision computes each set's areas in
+          its own (upcast) dtype before promoting, so that case runs torchvision's arithmetic
+          in plain PyTorch (the kernel promotes the coordinates first, which rounds differently).
         * Integer boxes with float boxes: the integers are converted to the float dtype (to
           float32 beside 16-bit boxes, where torchvision rounds them to 16 bits).
         * ``"xywh"``/``"cxcywh"``: converted to corners in float64 and computed there (x1 + w
@@ -94,6 +97,9 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
         raise ValueError(f"box_iou: expected numeric boxes, got {boxes1.dtype} and {boxes2.dtype}")
     float1, float2 = boxes1.is_floating_point(), boxes2.is_floating_point()
     if fmt == "xyxy" and float1 and float2:
+        if boxes1.dtype != boxes2.dtype and (boxes1.dtype == torch.float64) != (boxes2.dtype == torch.float64) \
+                and boxes1.dim() == 2 and boxes2.dim() == 2:
+            return _box_iou_mixed(boxes1, boxes2)
         return _batched_box_iou(boxes1, boxes2)
     if fmt == "xyxy" and (float1 or float2):
         # one integer set beside a float one: the integers in that float dtype (at least float32)
@@ -128,6 +134,21 @@ def _batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return torch.stack(outs).reshape(lead + [N, M])
 
 
+def _box_iou_mixed(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    # Found by tests/fuzz/test_fuzz_boxes.py: float64 boxes1 with float32 boxes2 differed from
+    # torchvision in the last bit. Same checks and messages as the kernel.
+    _ops.box_iou(boxes1[:0], boxes2[:0])
+    up1 = boxes1 if boxes1.dtype == torch.float32 or boxes1.dtype == torch.float64 else boxes1.float()
+    up2 = boxes2 if boxes2.dtype == torch.float32 or boxes2.dtype == torch.float64 else boxes2.float()
+    area1 = (up1[:, 2] - up1[:, 0]) * (up1[:, 3] - up1[:, 1])
+    area2 = (up2[:, 2] - up2[:, 0]) * (up2[:, 3] - up2[:, 1])
+    lt = torch.max(boxes1[:, None, :2], boxes2[:, :2])
+    rb = torch.min(boxes1[:, None, 2:], boxes2[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[:, :, 0] * wh[:, :, 1]
+    return inter / (area1[:, None] + area2 - inter)
+
+
 def grid_anchors(
     cell_anchors: List[Tensor],
     grid_sizes: List[List[int]],
@@ -158,6 +179,9 @@ def grid_anchors(
         gs += [int(g[0]), int(g[1])]
     for s in strides:
         st += [int(s[0]), int(s[1])]
+    for v in st:
+        if v < 0:
+            raise ValueError(f"grid_anchors: expected non-negative strides, got {st}")
     return _ops.grid_anchors(cells, counts, gs, st)
 
 
@@ -215,6 +239,24 @@ def match_anchors(
     )
 
 
+def _check_gt_labels(gt_labels: Tensor, gt_counts: Tensor) -> None:
+    # A negative class would pass through as -1 (background) or -2 (ignored): silent garbage.
+    # Only the valid rows count (padded rows may hold anything). On CUDA a device sync, as
+    # _check_counts; the kernel checks the shapes and dtype afterwards.
+    if (torch.compiler.is_compiling() or gt_labels.dim() != 2 or gt_counts.dim() != 1
+            or gt_labels.shape[0] != gt_counts.shape[0] or gt_labels.numel() == 0
+            or gt_labels.dtype != torch.int64 or gt_labels.device != gt_counts.device
+            or gt_labels.device.type == "meta"):
+        return
+    valid = torch.arange(gt_labels.shape[1], device=gt_labels.device)[None, :] < gt_counts[:, None]
+    bad = valid & (gt_labels < 0)
+    if bool(bad.any()):
+        b, m = (int(v) for v in torch.nonzero(bad)[0])
+        raise RuntimeError(
+            f"retina_fast::matched_targets: expected every valid gt_labels[b, m] >= 0 (a class in [0, K)), "
+            f"got gt_labels[{b}, {m}] = {int(gt_labels[b, m])}")
+
+
 class MatchedTargets(NamedTuple):
     labels: Tensor  # [B, A] int64: gt class in [0, K), -1 background, -2 ignored
     regression_targets: Tensor  # [B, A, 4]: encode_boxes(matched gt, anchor); 0 off foreground
@@ -252,6 +294,8 @@ def matched_targets(
     matches = match_anchors(
         anchors, gt_boxes, gt_counts, high, low, allow_low_quality_matches, zero_iou_quirk, check_counts
     )
+    if check_counts:
+        _check_gt_labels(gt_labels, gt_counts)
     # match_anchors never returns an out-of-range match: skip the check (a device sync on CUDA)
     labels, targets = _ops.gather_targets(matches, anchors, gt_boxes, gt_labels, [float(w) for w in weights], False)
     return MatchedTargets(labels, targets, matches)
@@ -305,8 +349,11 @@ def decode_boxes(
     Returns:
         Tensor shaped like rel_codes: decoded ``(x1, y1, x2, y2)`` in rel_codes' dtype.
         Differentiable w.r.t. ``rel_codes`` (not ``boxes``); the clamp passes gradient where
-        ``d <= clip``, as torch.clamp does.
+        ``d <= clip`` (inclusive, as torch.clamp does up to torch 2.11; torch 2.14 passes none
+        at ``d == clip`` exactly).
     """
+    if math.isnan(float(clip)):
+        raise ValueError("decode_boxes: expected a clip value (log of the largest scale), got clip=nan")
     if not boxes.is_floating_point() and rel_codes.is_floating_point():
         boxes = boxes.to(rel_codes.dtype)
     return _ops.decode_boxes(rel_codes, boxes, [float(w) for w in weights], float(clip))

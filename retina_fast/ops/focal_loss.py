@@ -151,8 +151,21 @@ def _reduced_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _same_device(op: str, **tensors) -> None:
+    # The device kernels check this; the fake kernels must too, or a meta tensor mixed with a
+    # CPU one would reach this fake and return an uninitialised CPU tensor.
+    (n0, t0), *rest = tensors.items()
+    for n, t in rest:
+        if t is not None:
+            torch._check(
+                t.device == t0.device,
+                lambda: f"retina_fast::{op}: expected {n0} and {n} on the same device, got {n0} on {t0.device} and {n} on {t.device}",
+            )
+
+
 @torch.library.register_fake("retina_fast::sigmoid_focal_loss")
 def _dense_fake(inputs, targets, alpha, gamma, reduction):
+    _same_device("sigmoid_focal_loss", inputs=inputs, targets=targets)
     torch._check(inputs.shape == targets.shape, lambda: "targets must have the shape of inputs")
     if reduction == 0:
         return inputs.new_empty(inputs.shape)
@@ -171,6 +184,7 @@ def _dense_bwd2_fake(grad, inputs, targets, alpha, gamma, reduction):
 
 @torch.library.register_fake("retina_fast::sigmoid_focal_loss_labels")
 def _labels_fake(logits, labels, weights, alpha, gamma, reduction, label_smoothing):
+    _same_device("sigmoid_focal_loss_labels", logits=logits, labels=labels, weights=weights)
     torch._check(logits.dim() == 2, lambda: "logits must be [N, K]")
     torch._check(labels.dim() == 1 and labels.shape[0] == logits.shape[0], lambda: "labels must be [N]")
     if weights is not None:

@@ -121,9 +121,18 @@ def batched_nms_multi(
 
 
 def _sizes_tensor(image_sizes: Union[Tensor, List[Tuple[int, int]]], device: torch.device) -> Tensor:
+    # Negative sizes would clip every box to garbage. A list (or a CPU tensor) is checked here;
+    # a CUDA tensor is not (a device sync).
     if isinstance(image_sizes, Tensor):
+        if not torch.jit.is_scripting():  # (TorchScript skips this branch at compile time)
+            if image_sizes.device.type == "cpu" and image_sizes.numel() > 0 and not torch.compiler.is_compiling() \
+                    and bool((image_sizes < 0).any()):
+                raise ValueError(f"postprocess_detections: expected image_sizes (h, w) >= 0, got {image_sizes.tolist()}")
         return image_sizes.to(device=device, dtype=torch.long)
     hw = [[int(s[0]), int(s[1])] for s in image_sizes]
+    for s in hw:
+        if s[0] < 0 or s[1] < 0:
+            raise ValueError(f"postprocess_detections: expected image_sizes (h, w) >= 0, got {hw}")
     return torch.tensor(hw, dtype=torch.long).reshape(-1, 2).to(device)
 
 
@@ -211,7 +220,18 @@ def postprocess_detections(
 # ---------------------------------------------------------------- fake (meta) kernels
 
 
+def _same_device(op, **tensors):
+    # As in boxes.py: a meta tensor mixed with CPU ones must not reach a fake kernel silently.
+    (n0, t0), *rest = tensors.items()
+    for n, t in rest:
+        torch._check(
+            t.device == t0.device,
+            lambda: f"retina_fast::{op}: expected {n0} and {n} on the same device, got {n0} on {t0.device} and {n} on {t.device}",
+        )
+
+
 def _check_nms_fake(boxes, scores):
+    _same_device("nms", boxes=boxes, scores=scores)
     torch._check(boxes.dim() == 2 and boxes.shape[1] == 4, lambda: "boxes must be [N, 4]")
     torch._check(scores.dim() == 1 and scores.shape[0] == boxes.shape[0], lambda: "scores must be [N]")
 
@@ -227,6 +247,7 @@ def _nms_fake(boxes, scores, iou_threshold):
 def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
     _check_nms_fake(boxes, scores)
     torch._check(idxs.dim() == 1 and idxs.shape[0] == boxes.shape[0], lambda: "idxs must be [N]")
+    _same_device("batched_nms", boxes=boxes, idxs=idxs)
     n = torch.library.get_ctx().new_dynamic_size()
     return boxes.new_empty((n,), dtype=torch.long)
 
@@ -234,6 +255,7 @@ def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
 @torch.library.register_fake("retina_fast::batched_nms_multi")
 def _batched_nms_multi_fake(boxes, scores, idxs, image_ids, num_images, iou_threshold, max_per_image):
     _check_nms_fake(boxes, scores)
+    _same_device("batched_nms_multi", boxes=boxes, idxs=idxs, image_ids=image_ids)
     if max_per_image >= 0:
         w = max_per_image
     else:
@@ -248,6 +270,8 @@ def _batched_nms_multi_fake(boxes, scores, idxs, image_ids, num_images, iou_thre
 def _postprocess_fake(cls_logits, bbox_regression, anchors, image_sizes, num_anchors_per_level,
                       score_thresh, topk_candidates, nms_thresh, detections_per_img):
     torch._check(cls_logits.dim() == 3, lambda: "cls_logits must be [B, A, K]")
+    _same_device("postprocess_detections", cls_logits=cls_logits, bbox_regression=bbox_regression,
+                 anchors=anchors, image_sizes=image_sizes)
     B = cls_logits.shape[0]
     D = detections_per_img
     return (
