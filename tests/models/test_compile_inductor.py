@@ -32,10 +32,14 @@ def test_eval_model_under_inductor_matches_eager():
         assert a.keys() == b.keys()
         assert a["boxes"].shape == b["boxes"].shape
         # inductor may fuse the convolutions' epilogues in another order: rounding-level
-        # differences, which can swap detections whose scores are that close
+        # differences, which can reorder detections whose scores are that close (random weights
+        # give many exact ties: padded and uniform regions). So: the same multiset of
+        # detections, each compiled one matched to a distinct eager one with the same label, a
+        # score within 1e-4 and a box within 1e-3 px.
         torch.testing.assert_close(a["scores"], b["scores"], rtol=1e-4, atol=1e-5)
-        s = b["scores"]
-        apart = ((s[:, None] - s[None, :]).abs() > 1e-4).sum(1) == len(s) - 1
-        assert apart.float().mean() > 0.8
-        torch.testing.assert_close(a["boxes"][apart], b["boxes"][apart], rtol=1e-4, atol=1e-3)
-        assert torch.equal(a["labels"][apart], b["labels"][apart])
+        used = torch.zeros(len(b["scores"]), dtype=torch.bool)
+        for i in range(len(a["scores"])):
+            ok = ((b["scores"] - a["scores"][i]).abs() <= 1e-4) & (b["labels"] == a["labels"][i]) \
+                & ((b["boxes"] - a["boxes"][i]).abs().amax(1) <= 1e-3) & ~used
+            assert bool(ok.any()), f"compiled detection {i} has no eager twin"
+            used[int(ok.nonzero()[0])] = True
