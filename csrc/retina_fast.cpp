@@ -53,6 +53,19 @@ TORCH_LIBRARY(retina_fast, m) {
   m.def(
       "sigmoid_focal_loss_labels_backward(Tensor grad, Tensor logits, Tensor labels, "
       "Tensor? weights, float alpha, float gamma, int reduction, float label_smoothing) -> Tensor");
+  // Forward of a reduced loss (reduction 1 mean or 2 sum) whose gradient is needed:
+  // (loss, d loss / d logits) from one pass and one sigmoid per element; the loss is bitwise
+  // that of the plain forward, the gradient that of the backward for an upstream gradient of 1.
+  m.def(
+      "sigmoid_focal_loss_labels_with_grad(Tensor logits, Tensor labels, Tensor? weights, "
+      "float alpha, float gamma, int reduction, float label_smoothing) -> (Tensor, Tensor)");
+  m.def(
+      "sigmoid_focal_loss_with_grad(Tensor inputs, Tensor targets, float alpha, float gamma, "
+      "int reduction) -> (Tensor, Tensor)");
+  // Benchmark hook (CPU): the per-element math alone, see focal_loss_cpu.cpp.
+  m.def(
+      "_focal_math_bench(Tensor x, Tensor? t, int reps, int mode, float alpha, float gamma) "
+      "-> Tensor");
 
   // ---- boxes (csrc/boxes) ----
   // Boxes are (x1, y1, x2, y2). box_iou: [N, 4] x [M, 4] -> [N, M] (float32 for 16-bit boxes).

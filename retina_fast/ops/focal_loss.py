@@ -1,7 +1,12 @@
-"""Fused sigmoid focal loss (Lin et al. 2017), forward and backward each one pass.
+"""Fused sigmoid focal loss (Lin et al. 2017): one pass over the logits for forward and backward.
 
-The forward saves nothing but references to its inputs; the backward re-reads the logits and
-the targets (or labels) and writes the gradient. No one-hot tensor is built for the labels form.
+A reduced loss (``'sum'``/``'mean'``) of float32/float64 logits whose gradient is needed is
+computed with its gradient in the forward pass (``*_with_grad`` ops: one sigmoid per element
+serves both); the backward then only scales the saved gradient by the upstream one (returns it
+as is when that is 1). Otherwise (no gradient needed, ``reduction='none'``, or half/bfloat16
+logits, whose gradient is better rounded once from float32 with the upstream scale, e.g. a
+GradScaler's) the forward saves references to its inputs and the backward re-reads them. No
+one-hot tensor is built for the labels form.
 """
 
 from typing import Optional, Union
@@ -67,7 +72,15 @@ def sigmoid_focal_loss(
     an ulp where torchvision's rounds low: "focal <= BCE" holds to rounding, not bit for bit.
     """
     _check_alpha(alpha)
-    return _ops.sigmoid_focal_loss(inputs, targets, float(alpha), float(gamma), _reduction_code(reduction))
+    code = _reduction_code(reduction)
+    if code != 0 and _fuse_backward(inputs) and not targets.requires_grad:
+        return _ops.sigmoid_focal_loss_with_grad(inputs, targets, float(alpha), float(gamma), code)[0]
+    return _ops.sigmoid_focal_loss(inputs, targets, float(alpha), float(gamma), code)
+
+
+def _fuse_backward(x: Tensor) -> bool:
+    # The gradient is computed in the forward when it will be needed (see the module docstring).
+    return x.requires_grad and torch.is_grad_enabled() and (x.dtype == torch.float32 or x.dtype == torch.float64)
 
 
 def _check_label_range(logits: Tensor, labels: Tensor) -> None:
@@ -129,8 +142,12 @@ def sigmoid_focal_loss_labels(
     _check_alpha(alpha)
     if check_labels:
         _check_label_range(logits, labels)
-    loss = _ops.sigmoid_focal_loss_labels(logits, labels, weights, float(alpha), float(gamma), code,
-                                          float(label_smoothing))
+    if code != 0 and _fuse_backward(logits) and (weights is None or not weights.requires_grad):
+        loss = _ops.sigmoid_focal_loss_labels_with_grad(logits, labels, weights, float(alpha), float(gamma), code,
+                                                        float(label_smoothing))[0]
+    else:
+        loss = _ops.sigmoid_focal_loss_labels(logits, labels, weights, float(alpha), float(gamma), code,
+                                              float(label_smoothing))
     if normalizer is not None:
         if isinstance(normalizer, Tensor):  # refines the Union for TorchScript
             loss = loss / normalizer
@@ -180,6 +197,18 @@ def _labels_bwd_fake(grad, logits, labels, weights, alpha, gamma, reduction, lab
     return logits.new_empty(logits.shape)
 
 
+@torch.library.register_fake("retina_fast::sigmoid_focal_loss_labels_with_grad")
+def _labels_with_grad_fake(logits, labels, weights, alpha, gamma, reduction, label_smoothing):
+    torch._check(reduction == 1 or reduction == 2, lambda: "reduction must be 1 (mean) or 2 (sum)")
+    return _labels_fake(logits, labels, weights, alpha, gamma, reduction, label_smoothing), logits.new_empty(logits.shape)
+
+
+@torch.library.register_fake("retina_fast::sigmoid_focal_loss_with_grad")
+def _dense_with_grad_fake(inputs, targets, alpha, gamma, reduction):
+    torch._check(reduction == 1 or reduction == 2, lambda: "reduction must be 1 (mean) or 2 (sum)")
+    return _dense_fake(inputs, targets, alpha, gamma, reduction), inputs.new_empty(inputs.shape)
+
+
 # ---------------------------------------------------------------- autograd
 
 
@@ -221,7 +250,55 @@ def _labels_backward(ctx, grad):
     return gx, None, None, None, None, None, None
 
 
+def _with_grad_setup(ctx, inputs, output):
+    # Saved with save_for_backward, so autograd releases it once the backward has run and can
+    # hand the returned tensor on without a copy.
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    # the gradient output gets no gradient: no [N, K] zeros for it in the backward
+    ctx.set_materialize_grads(False)
+
+
+def _scaled(saved: Tensor, grad: Tensor) -> Tensor:
+    # An upstream gradient of exactly 1 (loss.backward() on this loss, or on a sum of losses)
+    # returns the saved gradient itself: no pass over it. Only checked on the CPU, where
+    # reading the value costs no device sync, and never while compiling (data-dependent).
+    if not torch.compiler.is_compiling() and grad.device.type == "cpu" and bool(grad == 1):
+        return saved
+    return saved * grad.to(saved.dtype)
+
+
+def _dense_with_grad_backward(ctx, grad, _grad_of_grad):
+    (saved,) = ctx.saved_tensors
+    if grad is None:
+        return None, None, None, None, None
+    if ctx.needs_input_grad[1]:
+        raise NotImplementedError(
+            "retina_fast.ops.sigmoid_focal_loss: targets that need a gradient take the two-pass path; "
+            "call the op sigmoid_focal_loss, not sigmoid_focal_loss_with_grad"
+        )
+    return _scaled(saved, grad), None, None, None, None
+
+
+def _labels_with_grad_backward(ctx, grad, _grad_of_grad):
+    (saved,) = ctx.saved_tensors
+    if grad is None:
+        return None, None, None, None, None, None, None
+    if ctx.needs_input_grad[2]:
+        raise NotImplementedError(
+            "retina_fast.ops.sigmoid_focal_loss_labels: the gradient with respect to weights is "
+            "not implemented; detach the weights"
+        )
+    return _scaled(saved, grad), None, None, None, None, None, None
+
+
 torch.library.register_autograd("retina_fast::sigmoid_focal_loss", _dense_backward, setup_context=_dense_setup)
+torch.library.register_autograd(
+    "retina_fast::sigmoid_focal_loss_with_grad", _dense_with_grad_backward, setup_context=_with_grad_setup
+)
+torch.library.register_autograd(
+    "retina_fast::sigmoid_focal_loss_labels_with_grad", _labels_with_grad_backward, setup_context=_with_grad_setup
+)
 torch.library.register_autograd(
     "retina_fast::sigmoid_focal_loss_labels", _labels_backward, setup_context=_labels_setup
 )
@@ -231,3 +308,4 @@ torch.library.register_autograd(
 # (float32 math, float32 reductions): upcasting [N, K] logits would cost a full copy.
 for _device in ("cpu", "cuda"):
     torch.library.register_autocast("retina_fast::sigmoid_focal_loss", _device, torch.float32)
+    torch.library.register_autocast("retina_fast::sigmoid_focal_loss_with_grad", _device, torch.float32)
