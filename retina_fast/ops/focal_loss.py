@@ -66,10 +66,18 @@ def sigmoid_focal_loss(
         (soft targets, e.g. distillation): both gradients come from one backward kernel pass.
 
     Rounding: the cross-entropy is computed as ``max(x, 0) - x t + log1p(exp(-|x|))`` with
-    ``p`` and ``1 - p`` both formed from ``exp(-|x|)``, which is closer to the float64 value
-    than torch's ``binary_cross_entropy_with_logits`` (max error ~1.6e-7 vs ~2.6e-5 relative
-    in float32 on random logits). So with ``gamma = 0`` ours can exceed torchvision's BCE by
-    an ulp where torchvision's rounds low: "focal <= BCE" holds to rounding, not bit for bit.
+    ``p`` and ``1 - p`` both formed from ``exp(-|x|)``, within a few float32 ulps of the
+    float64 value (max ~1.7e-7 relative). torch's ``binary_cross_entropy_with_logits``
+    computes ``(1 - t) x - log_sigmoid(x)``, which cancels for ``t = 0, x < 0`` (relative
+    errors up to 1: the loss of ``x = -30`` rounds to 0). The loss is built as
+    ``(alpha_t * ce) * (1 - p_t)^gamma`` with both factors ``<= 1``, so ``focal <= ours at
+    gamma = 0, alpha = -1`` holds bit for bit for every alpha and gamma. ``focal <= torch's
+    BCE`` (torchvision's test) cannot hold bit for bit for any loss more accurate than torch's
+    BCE: wherever torch rounds low, the accurate value lies above it. Only copying torch's
+    rounding (Sleef's exp/log1p inside its vectorised log_sigmoid, glibc's in scalar tails or
+    on CPUs without AVX, libdevice on CUDA, per torch version) would make it hold, at the
+    price of its error. It holds to rounding: ours exceeds torch's BCE only where ours is
+    within 4 ulps of the exact value (tests/ops/test_focal_loss.py).
     """
     _check_alpha(alpha)
     code = _reduction_code(reduction)
@@ -261,9 +269,10 @@ def _with_grad_setup(ctx, inputs, output):
 
 def _scaled(saved: Tensor, grad: Tensor) -> Tensor:
     # An upstream gradient of exactly 1 (loss.backward() on this loss, or on a sum of losses)
-    # returns the saved gradient itself: no pass over it. Only checked on the CPU, where
-    # reading the value costs no device sync, and never while compiling (data-dependent).
-    if not torch.compiler.is_compiling() and grad.device.type == "cpu" and bool(grad == 1):
+    # returns the saved gradient itself: no pass over it. Only checked on a plain CPU tensor,
+    # where reading the value costs no device sync (not while tracing: data-dependent).
+    if (type(grad) is Tensor and grad.device.type == "cpu" and not torch.compiler.is_compiling()
+            and grad.item() == 1.0):
         return saved
     return saved * grad.to(saved.dtype)
 
