@@ -14,6 +14,7 @@ runs). CUDA timings synchronise inside the timed call. Peak memory lands in each
     initialisation and torch's temporaries), but the same method for all implementations.
 """
 
+import json
 import math
 import os
 import subprocess
@@ -191,3 +192,68 @@ def test_anchor_grid(benchmark, impl, device):
         gen = retinanet_anchor_generator()
         gen.cache_size = 0
     benchmark.pedantic(synced(lambda: gen(img, feats), device), rounds=10, warmup_rounds=1)
+
+
+# ------------------------------------------------------------------ crowd regions (issue 11)
+
+_CROWD_SCRIPT = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from benchmarks.bench_boxes import anchors_for, crowd_targets
+import retina_fast.ops as rf
+from retina_fast.models import RetinaNetLoss, pack_targets
+from tests.models.test_loss import _former_crowd_labels
+impl, B, M, size, share = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
+anchors = anchors_for(size, "cpu")
+targets = crowd_targets(B, M, size, share)
+cpu = torch.device("cpu")
+def rss_kb(key):
+    return int([l for l in open("/proc/self/status") if l.startswith(key)][0].split()[1])
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+base = rss_kb("VmRSS:")
+if impl == "ours":  # what the loss runs: padded targets, matching with crowd regions, labels
+    RetinaNetLoss().match(anchors, pack_targets(targets, cpu))
+elif share > 0:     # the former code: reordering pack, matched_targets, then _crowd_ignore
+    _former_crowd_labels(targets, anchors)
+else:               # the former code without crowd boxes: pack, matched_targets (labels + [B, A, 4] targets)
+    p = pack_targets(targets, cpu)
+    rf.matched_targets(anchors, p.boxes, p.labels, p.counts)
+print(json.dumps({"peak_extra_MB": (rss_kb("VmHWM:") - base) / 1024, "A": anchors.shape[0]}))
+"""
+
+
+def crowd_targets(B, M, size, crowd_share, seed=0):
+    """M boxes per image; a share of them crowd regions (larger boxes, iscrowd = 1)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(B):
+        crowd = torch.rand(M, generator=g) < crowd_share
+        xy = torch.rand(M, 2, generator=g) * (size - 40)
+        wh = torch.rand(M, 2, generator=g) * 250 + 4
+        wh = torch.where(crowd[:, None], wh * 2, wh)
+        out.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(0, 80, (M,), generator=g),
+                    "iscrowd": crowd.to(torch.int64)})
+    return out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+@pytest.mark.parametrize("crowd_share", [0.0, 0.1])
+@pytest.mark.parametrize("impl", ["ours", "former"])
+def test_crowd_match_peak_memory(benchmark, impl, crowd_share):
+    """Peak extra memory of the loss's matching at COCO scale: B = 16, 800 px (A = 120,087),
+    M = 100 boxes per image, without and with crowd boxes (10 %): ours (crowd regions inside
+    match_anchors) vs the former code (crowd boxes reordered in pack_targets, then
+    [B, A, M, 2] / [B, A, M] float temporaries). VmHWM growth of a fresh subprocess over the
+    call, the peak reset just before it; in extra_info (MB). Each former run with crowds peaks
+    at several GB."""
+    B, M, size = 16, 100, 800
+    if getattr(benchmark, "disabled", False):  # --benchmark-disable (a smoke run): small, not GBs
+        B, M, size = 2, 20, 320
+    res = subprocess.run([sys.executable, "-c", _CROWD_SCRIPT, ROOT, impl, str(B), str(M), str(size),
+                          str(crowd_share)], capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    benchmark.group = f"crowd matching peak memory B={B} M={M} {size}px crowd={crowd_share}"
+    benchmark.extra_info.update(B=B, M=M, size=size, crowd_share=crowd_share, **r)
+    print(f"\n{impl} crowd_share={crowd_share}: peak extra {r['peak_extra_MB']:.0f} MB (A = {r['A']})")
+    benchmark.pedantic(lambda: None, rounds=1)

@@ -53,6 +53,19 @@ TORCH_LIBRARY(retina_fast, m) {
   m.def(
       "sigmoid_focal_loss_labels_backward(Tensor grad, Tensor logits, Tensor labels, "
       "Tensor? weights, float alpha, float gamma, int reduction, float label_smoothing) -> Tensor");
+  // Forward of a reduced loss (reduction 1 mean or 2 sum) whose gradient is needed:
+  // (loss, d loss / d logits) from one pass and one sigmoid per element; the loss is bitwise
+  // that of the plain forward, the gradient that of the backward for an upstream gradient of 1.
+  m.def(
+      "sigmoid_focal_loss_labels_with_grad(Tensor logits, Tensor labels, Tensor? weights, "
+      "float alpha, float gamma, int reduction, float label_smoothing) -> (Tensor, Tensor)");
+  m.def(
+      "sigmoid_focal_loss_with_grad(Tensor inputs, Tensor targets, float alpha, float gamma, "
+      "int reduction) -> (Tensor, Tensor)");
+  // Benchmark hook (CPU): the per-element math alone, see focal_loss_cpu.cpp.
+  m.def(
+      "_focal_math_bench(Tensor x, Tensor? t, int reps, int mode, float alpha, float gamma) "
+      "-> Tensor");
 
   // ---- boxes (csrc/boxes) ----
   // Boxes are (x1, y1, x2, y2). box_iou: [N, 4] x [M, 4] -> [N, M] (float32 for 16-bit boxes).
@@ -62,9 +75,12 @@ TORCH_LIBRARY(retina_fast, m) {
       "grid_anchors(Tensor cell_anchors, int[] cells_per_level, int[] grid_sizes, "
       "int[] strides) -> Tensor");
   // anchors [A, 4], gt_boxes [B, M, 4], gt_counts [B] -> int64 [B, A]: gt index, -1, -2.
+  // gt_crowd [B, M] bool (optional): crowd rows are never matched; a background anchor whose
+  // intersection with a crowd box over its own area is >= crowd_ioa_thresh becomes -2.
   m.def(
       "match_anchors(Tensor anchors, Tensor gt_boxes, Tensor gt_counts, float high, float low, "
-      "bool allow_low_quality_matches, bool zero_iou_quirk) -> Tensor");
+      "bool allow_low_quality_matches, bool zero_iou_quirk, Tensor? gt_crowd=None, "
+      "float crowd_ioa_thresh=0.5) -> Tensor");
   // matches [B, A] (from match_anchors), anchors [A, 4], gt_boxes [B, M, 4], gt_labels [B, M]
   // -> (labels [B, A] int64: gt label, -1, -2; regression targets [B, A, 4], 0 off foreground).
   // A match outside [0, M) other than -1/-2 is an error on both devices; on CUDA the check
@@ -72,6 +88,18 @@ TORCH_LIBRARY(retina_fast, m) {
   m.def(
       "gather_targets(Tensor matches, Tensor anchors, Tensor gt_boxes, Tensor gt_labels, "
       "float[] weights, bool check_matches=True) -> (Tensor, Tensor)");
+  // RetinaNet's box loss over the foreground anchors (matches >= 0) of a padded batch, gathered
+  // and computed in one pass: sum over images b of image_weights[b] * (sum over b's foreground
+  // anchors of the loss of bbox_regression[b, a] against gt_boxes[b, matches[b, a]] and anchor
+  // a). loss_type 0: L1 on encoded targets, 1: smooth L1 (beta), 2: GIoU on decoded boxes
+  // (eps, clip). -> 0-d float32 (float64 for float64 codes).
+  m.def(
+      "matched_box_loss(Tensor bbox_regression, Tensor anchors, Tensor matches, Tensor gt_boxes, "
+      "Tensor image_weights, int loss_type, float[] weights, float clip, float beta, float eps) -> Tensor");
+  m.def(
+      "matched_box_loss_backward(Tensor grad, Tensor bbox_regression, Tensor anchors, Tensor matches, "
+      "Tensor gt_boxes, Tensor image_weights, int loss_type, float[] weights, float clip, float beta, "
+      "float eps) -> Tensor");
   m.def("encode_boxes(Tensor reference_boxes, Tensor proposals, float[] weights) -> Tensor");
   // rel_codes [N, 4k] or [B, N, 4k]; boxes [N, 4] or [B, N, 4].
   m.def("decode_boxes(Tensor rel_codes, Tensor boxes, float[] weights, float clip) -> Tensor");

@@ -63,6 +63,12 @@ def box_ops():
             ops.matched_targets(anchors, gts, gt_labels, counts, zero_iou_quirk=quirk)
         m = ops.match_anchors(anchors, gts, counts)
         torch.ops.retina_fast.gather_targets(m, anchors, gts, gt_labels, [1.0] * 4)  # checked: one sync
+        crowd = torch.rand(2, 300, device=dev) < 0.3  # crowd regions inside matching
+        for thresh in (0.5, 0.0):
+            ops.match_anchors(anchors, gts, counts, gt_crowd=crowd, crowd_ioa_thresh=thresh)
+        codes = torch.randn(2, anchors.shape[0], 4, device=dev, dtype=dtype, requires_grad=True)
+        for loss in ("l1", "smooth_l1", "giou"):  # gathered box loss, forward and backward
+            ops.matched_box_loss(codes, anchors, m, gts, torch.rand(2, device=dev), loss).backward()
         ops.encode_boxes(b, b.flip(0))
         ops.encode_boxes(gts, gts[0])  # shared proposals
         rel = torch.randn(2, anchors.shape[0], 8, device=dev, dtype=dtype, requires_grad=True)

@@ -35,7 +35,8 @@ inline void check_box_iou(const at::Tensor& b1, const at::Tensor& b2) {
 }
 
 inline void check_match(const at::Tensor& anchors, const at::Tensor& gt_boxes,
-                        const at::Tensor& gt_counts, double high, double low) {
+                        const at::Tensor& gt_counts, double high, double low,
+                        const c10::optional<at::Tensor>& gt_crowd = c10::nullopt) {
   const char* op = "retina_fast::match_anchors";
   check_boxes(anchors, 2, op, "anchors", "[A, 4]");
   check_boxes(gt_boxes, 3, op, "gt_boxes", "[B, M, 4]");
@@ -48,6 +49,21 @@ inline void check_match(const at::Tensor& anchors, const at::Tensor& gt_boxes,
   check_same_device(anchors, gt_boxes, op, "anchors", "gt_boxes");
   check_same_device(anchors, gt_counts, op, "anchors", "gt_counts");
   TORCH_CHECK(low <= high, op, ": expected low <= high, got low = ", low, " and high = ", high);
+  if (gt_crowd.has_value()) {
+    const at::Tensor& c = *gt_crowd;
+    TORCH_CHECK(c.scalar_type() == at::kBool || c.scalar_type() == at::kByte, op,
+                ": expected gt_crowd of dtype bool (or uint8), got ", c.scalar_type());
+    TORCH_CHECK(c.dim() == 2 && c.size(0) == gt_boxes.size(0) && c.size(1) == gt_boxes.size(1), op,
+                ": expected gt_crowd of shape [B, M] = [", gt_boxes.size(0), ", ", gt_boxes.size(1),
+                "] (one flag per gt row), got ", c.sizes());
+    check_same_device(anchors, c, op, "anchors", "gt_crowd");
+  }
+}
+
+// The crowd flags as contiguous uint8 [B, M] (nonzero: crowd), or undefined.
+inline at::Tensor crowd_mask(const c10::optional<at::Tensor>& gt_crowd) {
+  if (!gt_crowd.has_value()) return at::Tensor();
+  return gt_crowd->to(at::kByte).contiguous();
 }
 
 // Host check of the counts (CPU tensors only: on CUDA it would be a device sync; the Python
@@ -91,9 +107,42 @@ inline void check_gather(const at::Tensor& matches, const at::Tensor& anchors,
   check_same_device(anchors, gt_labels, op, "anchors", "gt_labels");
 }
 
-[[noreturn]] inline void bad_match(int64_t b, int64_t i, int64_t m, int64_t M) {
-  TORCH_CHECK(false, "retina_fast::gather_targets: expected matches in [0, M) = [0, ", M,
-              "), -1 or -2, got matches[", b, ", ", i, "] = ", m);
+[[noreturn]] inline void bad_match(int64_t b, int64_t i, int64_t m, int64_t M,
+                                   const char* op = "retina_fast::gather_targets") {
+  TORCH_CHECK(false, op, ": expected matches in [0, M) = [0, ", M, "), -1 or -2, got matches[", b,
+              ", ", i, "] = ", m);
+}
+
+// matched_box_loss(_backward): bbox_regression [B, A, 4], anchors [A, 4], matches [B, A],
+// gt_boxes [B, M, 4], image_weights [B].
+inline void check_box_loss(const at::Tensor& reg, const at::Tensor& anchors, const at::Tensor& matches,
+                           const at::Tensor& gt_boxes, const at::Tensor& image_weights, int64_t loss_type,
+                           double beta, double eps, const char* op) {
+  check_boxes(reg, 3, op, "bbox_regression", "[B, A, 4]");
+  check_boxes(anchors, 2, op, "anchors", "[A, 4]");
+  check_boxes(gt_boxes, 3, op, "gt_boxes", "[B, M, 4]");
+  TORCH_CHECK(matches.scalar_type() == at::kLong, op, ": expected matches of dtype int64, got ",
+              matches.scalar_type());
+  check_dim(matches, 2, op, "matches", "[B, A]");
+  check_floating(image_weights, op, "image_weights");
+  check_dim(image_weights, 1, op, "image_weights", "[B]");
+  const int64_t B = reg.size(0), A = reg.size(1);
+  TORCH_CHECK(anchors.size(0) == A, op, ": expected anchors of shape [A, 4] = [", A, ", 4], got ",
+              anchors.sizes());
+  TORCH_CHECK(matches.size(0) == B && matches.size(1) == A, op, ": expected matches of shape [B, A] = [", B,
+              ", ", A, "], got ", matches.sizes());
+  TORCH_CHECK(gt_boxes.size(0) == B, op, ": expected gt_boxes of shape [B, M, 4] with B = ", B, ", got ",
+              gt_boxes.sizes());
+  TORCH_CHECK(image_weights.size(0) == B, op, ": expected image_weights of shape [B] = [", B, "], got ",
+              image_weights.sizes());
+  TORCH_CHECK(loss_type >= 0 && loss_type <= 2, op,
+              ": expected loss_type 0 (l1), 1 (smooth_l1) or 2 (giou), got ", loss_type);
+  TORCH_CHECK(beta >= 0.0, op, ": expected beta >= 0, got ", beta);
+  TORCH_CHECK(eps >= 0.0, op, ": expected eps >= 0, got ", eps);
+  check_same_device(reg, anchors, op, "bbox_regression", "anchors");
+  check_same_device(reg, matches, op, "bbox_regression", "matches");
+  check_same_device(reg, gt_boxes, op, "bbox_regression", "gt_boxes");
+  check_same_device(reg, image_weights, op, "bbox_regression", "image_weights");
 }
 
 // Shapes of encode_boxes: reference_boxes and proposals [..., 4] of equal shape, or proposals

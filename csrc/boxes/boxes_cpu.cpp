@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "boxes/box_loss_math.h"
 #include "boxes/boxes_checks.h"
 #include "boxes/boxes_math.h"
 #include "common/cpu_dispatch.h"
@@ -82,6 +83,19 @@ HOST_DEVICE_INLINE void tie_span(acc_t gx1, acc_t gy1, acc_t gx2, acc_t gy2, acc
   }
 }
 
+// Crowd span: m[i] = NaN-propagating max(m[i], intersection / max(area_i, 1e-6)) of n anchors
+// with the crowd box g: the share of each anchor inside it (anchor area clamped as the
+// reference clamps it).
+template <typename acc_t, typename Round>
+HOST_DEVICE_INLINE void ioa_span(acc_t gx1, acc_t gy1, acc_t gx2, acc_t gy2, const acc_t* x1, const acc_t* y1,
+                                 const acc_t* x2, const acc_t* y2, const acc_t* ar, int64_t n, acc_t* m) {
+  const Round r;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t v = ioa_coords(gx1, gy1, gx2, gy2, x1[i], y1[i], x2[i], y2[i], ar[i], r);
+    m[i] = nan_max(m[i], v);
+  }
+}
+
 // One row of box_iou.
 template <typename acc_t, typename Round>
 HOST_DEVICE_INLINE void iou_row(acc_t gx1, acc_t gy1, acc_t gx2, acc_t gy2, acc_t ga, const acc_t* x1,
@@ -92,7 +106,7 @@ HOST_DEVICE_INLINE void iou_row(acc_t gx1, acc_t gy1, acc_t gx2, acc_t gy2, acc_
     out[i] = iou_coords(gx1, gy1, gx2, gy2, ga, x1[i], y1[i], x2[i], y2[i], ar[i], r);
 }
 
-// float32 entry points with an AVX2 clone (the hot loops).
+// float32 entry points, one variant per ISA (the hot loops).
 HOST_DEVICE_INLINE float best_span_f32_impl(float gx1, float gy1, float gx2, float gy2, float ga,
                                      const float* x1, const float* y1, const float* x2,
                                      const float* y2, const float* ar, int64_t n, float* bv,
@@ -115,6 +129,15 @@ RF_CPU_DISPATCH(void, tie_span_f32,
                 const float* y1, const float* x2, const float* y2, const float* ar, int64_t n,
                 float target, uint8_t* hit),
                 (gx1, gy1, gx2, gy2, ga, x1, y1, x2, y2, ar, n, target, hit))
+HOST_DEVICE_INLINE void ioa_span_f32_impl(float gx1, float gy1, float gx2, float gy2, const float* x1,
+                                   const float* y1, const float* x2, const float* y2, const float* ar,
+                                   int64_t n, float* m) {
+  ioa_span<float, IdentityRound>(gx1, gy1, gx2, gy2, x1, y1, x2, y2, ar, n, m);
+}
+RF_CPU_DISPATCH(void, ioa_span_f32,
+                (float gx1, float gy1, float gx2, float gy2, const float* x1, const float* y1,
+                const float* x2, const float* y2, const float* ar, int64_t n, float* m),
+                (gx1, gy1, gx2, gy2, x1, y1, x2, y2, ar, n, m))
 HOST_DEVICE_INLINE void iou_row_f32_impl(float gx1, float gy1, float gx2, float gy2, float ga,
                                   const float* x1, const float* y1, const float* x2,
                                   const float* y2, const float* ar, int64_t n, float* out) {
@@ -150,6 +173,14 @@ struct Spans {
     else
       tie_span<acc_t, R>(g[0], g[1], g[2], g[3], g[4], a[0] + off, a[1] + off, a[2] + off,
                          a[3] + off, a[4] + off, n, target, hit);
+  }
+  static void ioa(const acc_t* g, const acc_t* const* a, int64_t off, int64_t n, acc_t* m) {
+    if constexpr (kF32)
+      ioa_span_f32(g[0], g[1], g[2], g[3], a[0] + off, a[1] + off, a[2] + off, a[3] + off,
+                   a[4] + off, n, m);
+    else
+      ioa_span<acc_t, R>(g[0], g[1], g[2], g[3], a[0] + off, a[1] + off, a[2] + off, a[3] + off,
+                         a[4] + off, n, m);
   }
   static void row(const acc_t* g, const acc_t* const* a, int64_t n, acc_t* out) {
     if constexpr (kF32)
@@ -208,13 +239,18 @@ at::Tensor box_iou_cpu(const at::Tensor& boxes1, const at::Tensor& boxes2) {
 
 // ---------------------------------------------------------------- match_anchors
 
+// Crowd gts (crowd[b * M + g] != 0) are no match candidates: matching and the low-quality
+// restore see only the other gts, in their order (as if the crowd rows were removed), and
+// after both an anchor labelled -1 whose share inside some crowd box reaches crowd_thresh
+// (intersection / anchor area, see ioa_coords) becomes -2. Memory stays O(A + M) per image.
 template <typename scalar_t>
 void match_impl(const at::Tensor& anchors, const at::Tensor& gts, const int64_t* counts,
-                double high_d, double low_d, bool allow_lq, bool quirk, at::Tensor& out) {
+                const uint8_t* crowd, double high_d, double low_d, bool allow_lq, bool quirk,
+                double crowd_thresh_d, at::Tensor& out) {
   using acc_t = acc_type<scalar_t>;
   using S = Spans<scalar_t>;
   const int64_t A = anchors.size(0), B = gts.size(0), M = gts.size(1);
-  const acc_t high = acc_t(high_d), low = acc_t(low_d);
+  const acc_t high = acc_t(high_d), low = acc_t(low_d), crowd_thresh = acc_t(crowd_thresh_d);
   int64_t* labels = out.mutable_data_ptr<int64_t>();
 
   const std::vector<acc_t> sa = to_soa(anchors.const_data_ptr<scalar_t>(), A);
@@ -264,6 +300,23 @@ void match_impl(const at::Tensor& anchors, const at::Tensor& gts, const int64_t*
            disjoint(g[0], g[1], g[2], g[3], sbox[4 * s], sbox[4 * s + 1], sbox[4 * s + 2],
                     sbox[4 * s + 3]);
   };
+  auto is_crowd = [&](int64_t b, int64_t g) { return crowd != nullptr && crowd[b * M + g] != 0; };
+  // Per image: gts to match, crowd gts, and the first gt to match (the best gt of an anchor
+  // that overlaps none, as torch.max's first index over the matched gts).
+  std::vector<int64_t> nmatch(B, 0), ncrowd(B, 0);
+  std::vector<int32_t> first(B, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    bool found = false;
+    for (int64_t g = 0; g < counts[b]; ++g) {
+      if (is_crowd(b, g)) {
+        ++ncrowd[b];
+      } else {
+        ++nmatch[b];
+        if (!found) first[b] = int32_t(g);
+        found = true;
+      }
+    }
+  }
 
   const int64_t nchunk = (A + kChunk - 1) / kChunk;
   std::vector<acc_t> best_val(B * A);
@@ -278,8 +331,9 @@ void match_impl(const at::Tensor& anchors, const at::Tensor& gts, const int64_t*
       acc_t* bv = best_val.data() + b * A + a0;
       int32_t* bi = best_idx.data() + b * A + a0;
       std::fill(bv, bv + (a1 - a0), acc_t(0));
-      std::fill(bi, bi + (a1 - a0), int32_t(0));
+      std::fill(bi, bi + (a1 - a0), first[b]);
       for (int64_t g = 0; g < counts[b]; ++g) {
+        if (is_crowd(b, g)) continue;
         const int64_t grow = b * M + g;
         acc_t gm = acc_t(0);
         for (int64_t s = a0 / kSub; s * kSub < a1; ++s) {
@@ -293,11 +347,16 @@ void match_impl(const at::Tensor& anchors, const at::Tensor& gts, const int64_t*
     }
   });
 
-  // Per-gt maxima over all anchors, and whether some gt's maximum is 0.
+  // Per-gt maxima over all anchors (crowd gts: NaN, which restores nothing), and whether
+  // some matched gt's maximum is 0.
   std::vector<acc_t> gmax(B * M, acc_t(0));
   std::vector<uint8_t> restore_all(B, 0);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t g = 0; g < counts[b]; ++g) {
+      if (is_crowd(b, g)) {
+        gmax[b * M + g] = std::numeric_limits<acc_t>::quiet_NaN();
+        continue;
+      }
       acc_t m = acc_t(0);
       for (int64_t c = 0; c < nchunk; ++c) m = nan_max(m, partial[(b * nchunk + c) * M + g]);
       gmax[b * M + g] = m;
@@ -305,63 +364,91 @@ void match_impl(const at::Tensor& anchors, const at::Tensor& gts, const int64_t*
     }
   }
 
-  // Pass 2: thresholds and the low-quality restore.
+  // Pass 2: thresholds, the low-quality restore, then the crowd regions.
   at::parallel_for(0, B * nchunk, 1, [&](int64_t t0, int64_t t1) {
     uint8_t hit[kChunk];
     acc_t smax[kChunk / kSub];
+    acc_t ioa[kChunk];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nchunk, c = t % nchunk;
       const int64_t a0 = c * kChunk, a1 = std::min(A, a0 + kChunk), n = a1 - a0;
       const acc_t* bv = best_val.data() + b * A + a0;
       const int32_t* bi = best_idx.data() + b * A + a0;
       int64_t* lab = labels + b * A + a0;
-      if (counts[b] == 0) {
-        std::fill(lab, lab + n, int64_t(-1));
-        continue;
-      }
-      if (restore_all[b]) {
-        for (int64_t i = 0; i < n; ++i) lab[i] = bi[i];
-        continue;
-      }
-      for (int64_t i = 0; i < n; ++i) lab[i] = threshold_label(bv[i], int64_t(bi[i]), high, low);
-      if (!allow_lq) continue;
-      // Only anchors labelled -1/-2 can change; an anchor can tie gt g's maximum only if its
-      // own best IoU reaches it.
       const int64_t s_first = a0 / kSub;
-      bool any = false;
-      for (int64_t s = s_first; s * kSub < a1; ++s) {
-        acc_t m = -std::numeric_limits<acc_t>::infinity();
-        for (int64_t i = s * kSub - a0, e = std::min(a1, (s + 1) * kSub) - a0; i < e; ++i)
-          if (lab[i] < 0) m = std::max(m, bv[i]);
-        smax[s - s_first] = m;
-        any = any || m > -std::numeric_limits<acc_t>::infinity();
+      if (nmatch[b] == 0) {
+        std::fill(lab, lab + n, int64_t(-1));
+      } else if (restore_all[b]) {
+        for (int64_t i = 0; i < n; ++i) lab[i] = bi[i];
+      } else {
+        for (int64_t i = 0; i < n; ++i) lab[i] = threshold_label(bv[i], int64_t(bi[i]), high, low);
+        if (allow_lq) {
+          // Only anchors labelled -1/-2 can change; an anchor can tie gt g's maximum only if
+          // its own best IoU reaches it.
+          bool any = false;
+          for (int64_t s = s_first; s * kSub < a1; ++s) {
+            acc_t m = -std::numeric_limits<acc_t>::infinity();
+            for (int64_t i = s * kSub - a0, e = std::min(a1, (s + 1) * kSub) - a0; i < e; ++i)
+              if (lab[i] < 0) m = std::max(m, bv[i]);
+            smax[s - s_first] = m;
+            any = any || m > -std::numeric_limits<acc_t>::infinity();
+          }
+          if (any) {
+            std::fill(hit, hit + n, uint8_t(0));
+            for (int64_t g = 0; g < counts[b]; ++g) {
+              const int64_t grow = b * M + g;
+              const acc_t gm = gmax[grow];
+              if (!(gm > acc_t(0))) continue;  // NaN ties nothing; 0 only matters with the quirk
+              for (int64_t s = s_first; s * kSub < a1; ++s) {
+                if (smax[s - s_first] < gm || skip(grow, s)) continue;
+                const int64_t i0 = s * kSub, len = std::min(kSub, a1 - i0);
+                S::tie(&g5[5 * grow], a, i0, len, gm, hit + (i0 - a0));
+              }
+            }
+            for (int64_t i = 0; i < n; ++i)
+              if (hit[i]) lab[i] = bi[i];
+          }
+        }
       }
-      if (!any) continue;
-      std::fill(hit, hit + n, uint8_t(0));
+      // Crowd regions: the largest share of each background anchor inside a crowd box (0 when
+      // there is none: a threshold <= 0 then ignores every background anchor of every image,
+      // as the reference does). A sub-block without background anchors, or disjoint from the
+      // box (share exactly 0), is skipped.
+      if (crowd == nullptr || (ncrowd[b] == 0 && !(acc_t(0) >= crowd_thresh))) continue;
+      bool any_bg = false;
+      for (int64_t s = s_first; s * kSub < a1; ++s) {
+        bool bg = false;
+        for (int64_t i = s * kSub - a0, e = std::min(a1, (s + 1) * kSub) - a0; i < e; ++i) bg = bg || lab[i] == -1;
+        hit[s - s_first] = bg;
+        any_bg = any_bg || bg;
+      }
+      if (!any_bg) continue;
+      std::fill(ioa, ioa + n, acc_t(0));
       for (int64_t g = 0; g < counts[b]; ++g) {
+        if (!is_crowd(b, g)) continue;
         const int64_t grow = b * M + g;
-        const acc_t gm = gmax[grow];
-        if (!(gm > acc_t(0))) continue;  // NaN ties nothing; 0 only matters with the quirk
         for (int64_t s = s_first; s * kSub < a1; ++s) {
-          if (smax[s - s_first] < gm || skip(grow, s)) continue;
+          if (!hit[s - s_first] || (crowd_thresh > acc_t(0) && skip(grow, s))) continue;
           const int64_t i0 = s * kSub, len = std::min(kSub, a1 - i0);
-          S::tie(&g5[5 * grow], a, i0, len, gm, hit + (i0 - a0));
+          S::ioa(&g5[5 * grow], a, i0, len, ioa + (i0 - a0));
         }
       }
       for (int64_t i = 0; i < n; ++i)
-        if (hit[i]) lab[i] = bi[i];
+        if (lab[i] == -1 && ioa[i] >= crowd_thresh) lab[i] = -2;
     }
   });
 }
 
 at::Tensor match_anchors_cpu(const at::Tensor& anchors, const at::Tensor& gt_boxes,
                              const at::Tensor& gt_counts, double high, double low,
-                             bool allow_low_quality_matches, bool zero_iou_quirk) {
-  check_match(anchors, gt_boxes, gt_counts, high, low);
+                             bool allow_low_quality_matches, bool zero_iou_quirk,
+                             const c10::optional<at::Tensor>& gt_crowd, double crowd_ioa_thresh) {
+  check_match(anchors, gt_boxes, gt_counts, high, low, gt_crowd);
   const at::ScalarType st = promoted(anchors, gt_boxes);
   const at::Tensor an = anchors.to(st).contiguous();
   const at::Tensor gt = gt_boxes.to(st).contiguous();
   const at::Tensor cnt = gt_counts.to(at::kLong).contiguous();
+  const at::Tensor cr = crowd_mask(gt_crowd);
   const int64_t A = an.size(0), B = gt.size(0), M = gt.size(1);
   check_counts_values(cnt, M);
   TORCH_CHECK(M <= std::numeric_limits<int32_t>::max(),
@@ -369,8 +456,9 @@ at::Tensor match_anchors_cpu(const at::Tensor& anchors, const at::Tensor& gt_box
   at::Tensor out = at::empty({B, A}, an.options().dtype(at::kLong));
   if (A == 0 || B == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "match_anchors_cpu", [&] {
-    match_impl<scalar_t>(an, gt, cnt.const_data_ptr<int64_t>(), high, low,
-                         allow_low_quality_matches, zero_iou_quirk, out);
+    match_impl<scalar_t>(an, gt, cnt.const_data_ptr<int64_t>(),
+                         cr.defined() ? cr.const_data_ptr<uint8_t>() : nullptr, high, low,
+                         allow_low_quality_matches, zero_iou_quirk, crowd_ioa_thresh, out);
   });
   return out;
 }
@@ -418,6 +506,142 @@ std::tuple<at::Tensor, at::Tensor> gather_targets_cpu(const at::Tensor& matches,
     });
   });
   return {labels, targets};
+}
+
+// ---------------------------------------------------------------- matched_box_loss
+
+// One pass over the matches: each foreground anchor (match >= 0) reads its codes, its anchor
+// and its gt row, and nothing else is touched; no encoded-target or gathered-gt tensor exists.
+// Per image, partial sums over fixed chunks of anchors, added in order: independent of threads.
+constexpr int64_t kLossChunk = 4096;
+
+struct BoxLossArgs {
+  BoxLoss kind;
+  CoderParams cp;
+  double beta, eps;
+};
+
+inline BoxLossArgs box_loss_args(int64_t loss_type, at::ArrayRef<double> weights, double clip, double beta,
+                                 double eps, const char* op) {
+  const Weights w = check_weights(weights, op);
+  return {static_cast<BoxLoss>(loss_type), {w.wx, w.wy, w.ww, w.wh, clip}, beta, eps};
+}
+
+// dtype the targets are encoded in: float64 if the boxes are, else float32
+inline at::ScalarType encode_dtype(const at::Tensor& anchors, const at::Tensor& gt_boxes) {
+  return promoted(anchors, gt_boxes) == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor matched_box_loss_cpu(const at::Tensor& bbox_regression, const at::Tensor& anchors,
+                                const at::Tensor& matches, const at::Tensor& gt_boxes,
+                                const at::Tensor& image_weights, int64_t loss_type,
+                                at::ArrayRef<double> weights, double clip, double beta, double eps) {
+  const char* op = "retina_fast::matched_box_loss";
+  check_box_loss(bbox_regression, anchors, matches, gt_boxes, image_weights, loss_type, beta, eps, op);
+  const BoxLossArgs args = box_loss_args(loss_type, weights, clip, beta, eps, op);
+  const at::ScalarType est = encode_dtype(anchors, gt_boxes);
+  const at::Tensor reg = bbox_regression.contiguous();
+  const at::Tensor an = anchors.to(est).contiguous();
+  const at::Tensor gt = gt_boxes.to(est).contiguous();
+  const at::Tensor mt = matches.contiguous();
+  const at::Tensor iw = image_weights.to(at::kDouble).contiguous();
+  const int64_t B = reg.size(0), A = reg.size(1), M = gt.size(1);
+  const int64_t nchunk = (A + kLossChunk - 1) / kLossChunk;
+  std::vector<double> partial(B * nchunk, 0.0);
+  const at::ScalarType out_t = reg.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, reg.scalar_type(), "matched_box_loss_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* rp = reg.const_data_ptr<scalar_t>();
+    const int64_t* mp = mt.const_data_ptr<int64_t>();
+    auto run = [&](auto enc_tag) {
+      using enc_t = decltype(enc_tag);
+      const enc_t* ap = an.const_data_ptr<enc_t>();
+      const enc_t* gp = gt.const_data_ptr<enc_t>();
+      at::parallel_for(0, B * nchunk, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t b = t / nchunk, a0 = (t % nchunk) * kLossChunk, a1 = std::min(A, a0 + kLossChunk);
+          double acc = 0.0;
+          for (int64_t i = a0; i < a1; ++i) {
+            const int64_t m = mp[b * A + i];
+            if (m < 0) {
+              if (m < -2) bad_match(b, i, m, M, op);
+              continue;
+            }
+            if (m >= M) bad_match(b, i, m, M, op);
+            acc_t codes[4];
+            for (int j = 0; j < 4; ++j) codes[j] = acc_t(rp[4 * (b * A + i) + j]);
+            acc += double(box_loss_one<acc_t, enc_t>(args.kind, codes, ap + 4 * i, gp + 4 * (b * M + m), args.cp,
+                                                     acc_t(args.beta), acc_t(args.eps), acc_t(1), nullptr));
+          }
+          partial[t] = acc;
+        }
+      });
+    };
+    if (est == at::kDouble) run(double());
+    else run(float());
+  });
+  const double* wp = iw.const_data_ptr<double>();
+  double total = 0.0;
+  for (int64_t b = 0; b < B; ++b) {
+    double s = 0.0;
+    for (int64_t c = 0; c < nchunk; ++c) s += partial[b * nchunk + c];
+    total += wp[b] * s;
+  }
+  return at::scalar_tensor(total, reg.options().dtype(out_t));
+}
+
+at::Tensor matched_box_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& bbox_regression,
+                                         const at::Tensor& anchors, const at::Tensor& matches,
+                                         const at::Tensor& gt_boxes, const at::Tensor& image_weights,
+                                         int64_t loss_type, at::ArrayRef<double> weights, double clip,
+                                         double beta, double eps) {
+  const char* op = "retina_fast::matched_box_loss_backward";
+  check_box_loss(bbox_regression, anchors, matches, gt_boxes, image_weights, loss_type, beta, eps, op);
+  TORCH_CHECK(grad.numel() == 1, op, ": expected a scalar grad, got shape ", grad.sizes());
+  check_same_device(grad, bbox_regression, op, "grad", "bbox_regression");
+  const BoxLossArgs args = box_loss_args(loss_type, weights, clip, beta, eps, op);
+  const at::ScalarType est = encode_dtype(anchors, gt_boxes);
+  const at::Tensor reg = bbox_regression.contiguous();
+  const at::Tensor an = anchors.to(est).contiguous();
+  const at::Tensor gt = gt_boxes.to(est).contiguous();
+  const at::Tensor mt = matches.contiguous();
+  const at::Tensor iw = image_weights.to(at::kDouble).contiguous();
+  const int64_t B = reg.size(0), A = reg.size(1), M = gt.size(1);
+  at::Tensor out = at::empty_like(reg);
+  if (B * A == 0) return out;
+  const double gscale = grad.item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, reg.scalar_type(), "matched_box_loss_backward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* rp = reg.const_data_ptr<scalar_t>();
+    const int64_t* mp = mt.const_data_ptr<int64_t>();
+    const double* wp = iw.const_data_ptr<double>();
+    scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
+    auto run = [&](auto enc_tag) {
+      using enc_t = decltype(enc_tag);
+      const enc_t* ap = an.const_data_ptr<enc_t>();
+      const enc_t* gp = gt.const_data_ptr<enc_t>();
+      at::parallel_for(0, B * A, kLossChunk, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t b = r / A, i = r - b * A, m = mp[r];
+          scalar_t* o = op_ + 4 * r;
+          if (m < 0) {
+            if (m < -2) bad_match(b, i, m, M, op);
+            o[0] = o[1] = o[2] = o[3] = scalar_t(0);
+            continue;
+          }
+          if (m >= M) bad_match(b, i, m, M, op);
+          acc_t codes[4], g[4];
+          for (int j = 0; j < 4; ++j) codes[j] = acc_t(rp[4 * r + j]);
+          box_loss_one<acc_t, enc_t>(args.kind, codes, ap + 4 * i, gp + 4 * (b * M + m), args.cp, acc_t(args.beta),
+                                     acc_t(args.eps), acc_t(gscale * wp[b]), g);
+          for (int j = 0; j < 4; ++j) o[j] = scalar_t(g[j]);
+        }
+      });
+    };
+    if (est == at::kDouble) run(double());
+    else run(float());
+  });
+  return out;
 }
 
 // ---------------------------------------------------------------- encode / decode
@@ -561,6 +785,8 @@ TORCH_LIBRARY_IMPL(retina_fast, CPU, m) {
   m.impl("grid_anchors", &grid_anchors_cpu);
   m.impl("match_anchors", &match_anchors_cpu);
   m.impl("gather_targets", &gather_targets_cpu);
+  m.impl("matched_box_loss", &matched_box_loss_cpu);
+  m.impl("matched_box_loss_backward", &matched_box_loss_backward_cpu);
   m.impl("encode_boxes", &encode_boxes_cpu);
   m.impl("decode_boxes", &decode_boxes_cpu);
   m.impl("decode_boxes_backward", &decode_boxes_backward_cpu);

@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "boxes/box_loss_math.h"
 #include "boxes/boxes_checks.h"
 #include "boxes/boxes_math.h"
 #include "common/cuda_utils.cuh"
@@ -148,6 +149,12 @@ __device__ __forceinline__ void stage_gts(const scalar_t* __restrict__ gts, int6
   }
 }
 
+// Crowd flags of the staged gts (0 without crowd information).
+__device__ __forceinline__ void stage_crowd(const uint8_t* __restrict__ crowd, int64_t row0, int n,
+                                            uint8_t* scrowd) {
+  for (int k = threadIdx.x; k < n; k += blockDim.x) scrowd[k] = crowd ? crowd[row0 + k] : uint8_t(0);
+}
+
 template <typename acc_t>
 __device__ __forceinline__ bool warp_skips(const WarpAnchor<acc_t>& w, acc_t (*sg)[kGtTile],
                                            const uint8_t* sreg, int k) {
@@ -165,13 +172,14 @@ __device__ __forceinline__ int64_t gt_count(const int64_t* counts, int64_t b, in
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) match_pass1_kernel(
     const scalar_t* __restrict__ anchors, int64_t A, const scalar_t* __restrict__ gts,
-    const int64_t* __restrict__ counts, int64_t B, int64_t M,
-    acc_type<scalar_t>* __restrict__ best_val, int32_t* __restrict__ best_idx,
-    bits_type<acc_type<scalar_t>>* __restrict__ gmax) {
+    const int64_t* __restrict__ counts, int64_t B, int64_t M, const uint8_t* __restrict__ crowd,
+    const int32_t* __restrict__ first, acc_type<scalar_t>* __restrict__ best_val,
+    int32_t* __restrict__ best_idx, bits_type<acc_type<scalar_t>>* __restrict__ gmax) {
   using acc_t = acc_type<scalar_t>;
   using bits_t = bits_type<acc_t>;
   __shared__ acc_t sg[5][kGtTile];
   __shared__ uint8_t sreg[kGtTile];
+  __shared__ uint8_t scrowd[kGtTile];
   __shared__ bits_t smax[kGtTile];
   const round_for<scalar_t> r;
   const int64_t a = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -182,15 +190,18 @@ __global__ void __launch_bounds__(kThreads) match_pass1_kernel(
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     const int64_t Mb = gt_count(counts, b, M);
     acc_t bv = acc_t(0);
-    int32_t bi = 0;
+    // an anchor that overlaps no gt keeps the first gt to match (torch.max's first index)
+    int32_t bi = first ? first[b] : 0;
     for (int64_t t0 = 0; t0 < Mb; t0 += kGtTile) {
       const int n = int(Mb - t0 < kGtTile ? Mb - t0 : kGtTile);
       __syncthreads();
       stage_gts(gts, b * M + t0, n, sg, sreg);
+      stage_crowd(crowd, b * M + t0, n, scrowd);
       for (int k = threadIdx.x; k < n; k += blockDim.x) smax[k] = 0;
       __syncthreads();
       for (int k = 0; k < n; ++k) {
-        if (warp_skips(w, sg, sreg, k)) continue;  // warp-uniform
+        // crowd gts are no candidates (their maximum stays 0 and pass 2 ignores it)
+        if (scrowd[k] || warp_skips(w, sg, sreg, k)) continue;  // block- / warp-uniform
         acc_t v = iou_coords(sg[0][k], sg[1][k], sg[2][k], sg[3][k], sg[4][k], w.x1, w.y1, w.x2,
                              w.y2, w.area, r);
         if (!valid) v = acc_t(0);
@@ -221,10 +232,13 @@ __global__ void __launch_bounds__(kThreads) match_pass2_kernel(
     const int64_t* __restrict__ counts, int64_t B, int64_t M,
     const acc_type<scalar_t>* __restrict__ best_val, const int32_t* __restrict__ best_idx,
     const bits_type<acc_type<scalar_t>>* __restrict__ gmax, acc_type<scalar_t> high,
-    acc_type<scalar_t> low, bool allow_lq, bool quirk, int64_t* __restrict__ labels) {
+    acc_type<scalar_t> low, bool allow_lq, bool quirk, const uint8_t* __restrict__ crowd,
+    const int64_t* __restrict__ nmatch, const int64_t* __restrict__ ncrowd,
+    acc_type<scalar_t> crowd_thresh, int64_t* __restrict__ labels) {
   using acc_t = acc_type<scalar_t>;
   __shared__ acc_t sg[5][kGtTile];
   __shared__ uint8_t sreg[kGtTile];
+  __shared__ uint8_t scrowd[kGtTile];
   __shared__ acc_t sm[kGtTile];
   const round_for<scalar_t> r;
   const int64_t a = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -233,53 +247,81 @@ __global__ void __launch_bounds__(kThreads) match_pass2_kernel(
   w.load(anchors, a, valid);
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {  // block-uniform, as in pass 1
     const int64_t Mb = gt_count(counts, b, M);
+    const int64_t nm = nmatch ? nmatch[b] : Mb;  // gts to match (not crowd)
     const acc_t bv = valid ? best_val[b * A + a] : acc_t(0);
     const int64_t bi = valid ? int64_t(best_idx[b * A + a]) : 0;
-    if (Mb == 0) {  // block-uniform
-      if (valid) labels[b * A + a] = -1;
-      continue;
-    }
-    const int64_t lab = threshold_label(bv, bi, high, low);
-    if (!allow_lq) {
-      if (valid) labels[b * A + a] = lab;
-      continue;
-    }
-    if (quirk) {
-      // A gt whose maximum is 0 ties with every anchor: all anchors take their best gt.
-      int zero = 0;
-      for (int64_t k = threadIdx.x; k < Mb; k += blockDim.x) zero |= gmax[b * M + k] == 0;
-      if (__syncthreads_or(zero)) {
-        if (valid) labels[b * A + a] = bi;
-        continue;
-      }
-    }
-    const bool need = valid && lab < 0;
-    bool hit = false;
-    for (int64_t t0 = 0; t0 < Mb; t0 += kGtTile) {
-      const int n = int(Mb - t0 < kGtTile ? Mb - t0 : kGtTile);
-      __syncthreads();
-      stage_gts(gts, b * M + t0, n, sg, sreg);
-      for (int k = threadIdx.x; k < n; k += blockDim.x) sm[k] = iou_from_bits(gmax[b * M + t0 + k]);
-      __syncthreads();
-      if (!__any_sync(kFull, need && !hit)) continue;
-      for (int k = 0; k < n; ++k) {
-        const acc_t gm = sm[k];
-        if (!(gm > acc_t(0)) || warp_skips(w, sg, sreg, k)) continue;  // NaN ties nothing
-        if (need && !hit && !(bv < gm)) {
-          const acc_t v = iou_coords(sg[0][k], sg[1][k], sg[2][k], sg[3][k], sg[4][k], w.x1, w.y1,
-                                     w.x2, w.y2, w.area, r);
-          hit = v == gm;
+    int64_t lab = -1;
+    if (nm > 0) {  // block-uniform
+      lab = threshold_label(bv, bi, high, low);
+      if (allow_lq) {
+        bool restore_all = false;
+        if (quirk) {
+          // A matched gt whose maximum is 0 ties with every anchor: all take their best gt.
+          int zero = 0;
+          for (int64_t k = threadIdx.x; k < Mb; k += blockDim.x)
+            zero |= gmax[b * M + k] == 0 && !(crowd && crowd[b * M + k]);
+          restore_all = __syncthreads_or(zero);
+        }
+        if (restore_all) {
+          lab = bi;
+        } else {
+          const bool need = valid && lab < 0;
+          bool hit = false;
+          for (int64_t t0 = 0; t0 < Mb; t0 += kGtTile) {
+            const int n = int(Mb - t0 < kGtTile ? Mb - t0 : kGtTile);
+            __syncthreads();
+            stage_gts(gts, b * M + t0, n, sg, sreg);
+            for (int k = threadIdx.x; k < n; k += blockDim.x) sm[k] = iou_from_bits(gmax[b * M + t0 + k]);
+            __syncthreads();
+            if (!__any_sync(kFull, need && !hit)) continue;
+            for (int k = 0; k < n; ++k) {
+              const acc_t gm = sm[k];
+              // NaN ties nothing; crowd gts keep a maximum of 0 and tie nothing either
+              if (!(gm > acc_t(0)) || warp_skips(w, sg, sreg, k)) continue;
+              if (need && !hit && !(bv < gm)) {
+                const acc_t v = iou_coords(sg[0][k], sg[1][k], sg[2][k], sg[3][k], sg[4][k], w.x1, w.y1,
+                                           w.x2, w.y2, w.area, r);
+                hit = v == gm;
+              }
+            }
+          }
+          if (hit) lab = bi;
         }
       }
     }
-    if (valid) labels[b * A + a] = hit ? bi : lab;
+    if (ncrowd && (ncrowd[b] > 0 || acc_t(0) >= crowd_thresh)) {  // block-uniform
+      // Crowd regions: the largest share of a background anchor inside a crowd box (0 without
+      // one, which a threshold <= 0 reaches, as on the CPU).
+      const bool need = valid && lab == -1;
+      if (__syncthreads_or(need)) {
+        acc_t m = acc_t(0);
+        for (int64_t t0 = 0; t0 < Mb; t0 += kGtTile) {
+          const int n = int(Mb - t0 < kGtTile ? Mb - t0 : kGtTile);
+          __syncthreads();
+          stage_gts(gts, b * M + t0, n, sg, sreg);
+          stage_crowd(crowd, b * M + t0, n, scrowd);
+          __syncthreads();
+          if (!__any_sync(kFull, need)) continue;
+          for (int k = 0; k < n; ++k) {
+            // disjoint boxes share exactly 0, which only a threshold <= 0 reaches
+            if (!scrowd[k] || (crowd_thresh > acc_t(0) && warp_skips(w, sg, sreg, k))) continue;
+            if (need)
+              m = nan_max(m, ioa_coords(sg[0][k], sg[1][k], sg[2][k], sg[3][k], w.x1, w.y1, w.x2,
+                                        w.y2, w.area, r));
+          }
+        }
+        if (need && m >= crowd_thresh) lab = -2;
+      }
+    }
+    if (valid) labels[b * A + a] = lab;
   }  // images
 }
 
 at::Tensor match_anchors_cuda(const at::Tensor& anchors, const at::Tensor& gt_boxes,
                               const at::Tensor& gt_counts, double high, double low,
-                              bool allow_low_quality_matches, bool zero_iou_quirk) {
-  check_match(anchors, gt_boxes, gt_counts, high, low);
+                              bool allow_low_quality_matches, bool zero_iou_quirk,
+                              const c10::optional<at::Tensor>& gt_crowd, double crowd_ioa_thresh) {
+  check_match(anchors, gt_boxes, gt_counts, high, low, gt_crowd);
   const c10::cuda::CUDAGuard guard(anchors.device());
   const at::ScalarType st = promoted(anchors, gt_boxes);
   const at::Tensor an = anchors.to(st).contiguous();
@@ -291,6 +333,16 @@ at::Tensor match_anchors_cuda(const at::Tensor& anchors, const at::Tensor& gt_bo
   at::Tensor out = at::empty({B, A}, an.options().dtype(at::kLong));
   if (A == 0 || B == 0) return out;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // Per image on the device (no sync): gts to match, crowd gts, the first gt to match.
+  const at::Tensor cr = crowd_mask(gt_crowd);
+  at::Tensor nmatch, ncrowd, first;
+  if (cr.defined() && M > 0) {
+    const at::Tensor rows = at::arange(M, cnt.options()).unsqueeze(0) < cnt.unsqueeze(1);
+    const at::Tensor crowd_rows = rows.logical_and(cr.ne(0));
+    ncrowd = crowd_rows.sum(1);
+    nmatch = cnt.clamp(0, M) - ncrowd;
+    first = rows.logical_and(crowd_rows.logical_not()).to(at::kInt).argmax(1).to(at::kInt).contiguous();
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "match_anchors_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     using bits_t = bits_type<acc_t>;
@@ -303,14 +355,18 @@ at::Tensor match_anchors_cuda(const at::Tensor& anchors, const at::Tensor& gt_bo
     bits_t* gm = reinterpret_cast<bits_t*>(gmax.data_ptr());
     match_pass1_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         an.const_data_ptr<scalar_t>(), A, gt.const_data_ptr<scalar_t>(),
-        cnt.const_data_ptr<int64_t>(), B, M, best_val.mutable_data_ptr<acc_t>(),
+        cnt.const_data_ptr<int64_t>(), B, M, cr.defined() ? cr.const_data_ptr<uint8_t>() : nullptr,
+        first.defined() ? first.const_data_ptr<int32_t>() : nullptr, best_val.mutable_data_ptr<acc_t>(),
         best_idx.mutable_data_ptr<int32_t>(), gm);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     match_pass2_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         an.const_data_ptr<scalar_t>(), A, gt.const_data_ptr<scalar_t>(),
         cnt.const_data_ptr<int64_t>(), B, M, best_val.const_data_ptr<acc_t>(),
         best_idx.const_data_ptr<int32_t>(), gm, acc_t(high), acc_t(low),
-        allow_low_quality_matches, zero_iou_quirk, out.mutable_data_ptr<int64_t>());
+        allow_low_quality_matches, zero_iou_quirk, cr.defined() ? cr.const_data_ptr<uint8_t>() : nullptr,
+        nmatch.defined() ? nmatch.const_data_ptr<int64_t>() : nullptr,
+        ncrowd.defined() ? ncrowd.const_data_ptr<int64_t>() : nullptr, acc_t(crowd_ioa_thresh),
+        out.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -380,6 +436,166 @@ std::tuple<at::Tensor, at::Tensor> gather_targets_cuda(const at::Tensor& matches
     if (r != std::numeric_limits<int64_t>::max()) bad_match(r / A, r % A, mt.view(-1)[r].item<int64_t>(), M);
   }
   return {labels, targets};
+}
+
+// ------------------------------------------------------------------ matched_box_loss
+
+// One thread per anchor (grid-stride); only foreground anchors (match in [0, M)) read their
+// codes, anchor and gt row. Matches out of range read nothing (as gather_targets unchecked:
+// match_anchors never produces them; the CPU kernel reports them). Block partials summed in a
+// fixed order by one block: deterministic, no float atomics.
+template <typename scalar_t, typename enc_t>
+__global__ void box_loss_kernel(const scalar_t* __restrict__ reg, const enc_t* __restrict__ anchors,
+                                const int64_t* __restrict__ matches, const enc_t* __restrict__ gts,
+                                const double* __restrict__ iw, int64_t B, int64_t A, int64_t M,
+                                BoxLoss kind, CoderParams cp, double beta, double eps,
+                                double* __restrict__ partials) {
+  using acc_t = acc_type<scalar_t>;
+  __shared__ double smem[32];
+  double acc = 0.0;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < B * A; r += stride) {
+    const int64_t m = matches[r];
+    if (m < 0 || m >= M) continue;
+    const int64_t b = r / A, i = r - b * A;
+    acc_t codes[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) codes[j] = acc_t(reg[4 * r + j]);
+    acc += iw[b] * double(box_loss_one<acc_t, enc_t>(kind, codes, anchors + 4 * i, gts + 4 * (b * M + m), cp,
+                                                     acc_t(beta), acc_t(eps), acc_t(1), nullptr));
+  }
+  acc = cuda::block_reduce_sum(acc, smem);
+  if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+template <typename out_t>
+__global__ void box_loss_finish_kernel(const double* __restrict__ partials, int64_t n, out_t* __restrict__ out) {
+  __shared__ double smem[32];
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partials[i];
+  acc = cuda::block_reduce_sum(acc, smem);
+  if (threadIdx.x == 0) *out = out_t(acc);
+}
+
+template <typename scalar_t, typename enc_t>
+__global__ void box_loss_backward_kernel(const acc_type<scalar_t>* __restrict__ grad, const scalar_t* __restrict__ reg,
+                                         const enc_t* __restrict__ anchors, const int64_t* __restrict__ matches,
+                                         const enc_t* __restrict__ gts, const double* __restrict__ iw,
+                                         int64_t B, int64_t A, int64_t M, BoxLoss kind, CoderParams cp,
+                                         double beta, double eps, scalar_t* __restrict__ out) {
+  using acc_t = acc_type<scalar_t>;
+  const double gscale = double(*grad);  // upstream scalar, read on the device: no sync
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < B * A; r += stride) {
+    const int64_t m = matches[r];
+    scalar_t* o = out + 4 * r;
+    if (m < 0 || m >= M) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) o[j] = scalar_t(0);
+      continue;
+    }
+    const int64_t b = r / A, i = r - b * A;
+    acc_t codes[4], g[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) codes[j] = acc_t(reg[4 * r + j]);
+    box_loss_one<acc_t, enc_t>(kind, codes, anchors + 4 * i, gts + 4 * (b * M + m), cp, acc_t(beta), acc_t(eps),
+                               acc_t(gscale * iw[b]), g);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) o[j] = scalar_t(g[j]);
+  }
+}
+
+inline at::ScalarType encode_dtype(const at::Tensor& anchors, const at::Tensor& gt_boxes) {
+  return promoted(anchors, gt_boxes) == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor matched_box_loss_cuda(const at::Tensor& bbox_regression, const at::Tensor& anchors,
+                                 const at::Tensor& matches, const at::Tensor& gt_boxes,
+                                 const at::Tensor& image_weights, int64_t loss_type,
+                                 at::ArrayRef<double> weights, double clip, double beta, double eps) {
+  const char* op = "retina_fast::matched_box_loss";
+  check_box_loss(bbox_regression, anchors, matches, gt_boxes, image_weights, loss_type, beta, eps, op);
+  const Weights w = check_weights(weights, op);
+  const c10::cuda::CUDAGuard guard(bbox_regression.device());
+  const at::ScalarType est = encode_dtype(anchors, gt_boxes);
+  const at::Tensor reg = bbox_regression.contiguous();
+  const at::Tensor an = anchors.to(est).contiguous();
+  const at::Tensor gt = gt_boxes.to(est).contiguous();
+  const at::Tensor mt = matches.contiguous();
+  const at::Tensor iw = image_weights.to(at::kDouble).contiguous();
+  const int64_t B = reg.size(0), A = reg.size(1), M = gt.size(1);
+  const at::ScalarType out_t = reg.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({}, reg.options().dtype(out_t));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t blocks = cuda::grid_for(std::max<int64_t>(B * A, 1));
+  at::Tensor partials = at::zeros({blocks}, reg.options().dtype(at::kDouble));
+  const CoderParams cp{w.wx, w.wy, w.ww, w.wh, clip};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, reg.scalar_type(), "matched_box_loss_cuda", [&] {
+    if (B * A > 0) {
+      if (est == at::kDouble) {
+        box_loss_kernel<scalar_t, double><<<blocks, kThreads, 0, stream>>>(
+            reg.const_data_ptr<scalar_t>(), an.const_data_ptr<double>(), mt.const_data_ptr<int64_t>(),
+            gt.const_data_ptr<double>(), iw.const_data_ptr<double>(), B, A, M, static_cast<BoxLoss>(loss_type),
+            cp, beta, eps, partials.mutable_data_ptr<double>());
+      } else {
+        box_loss_kernel<scalar_t, float><<<blocks, kThreads, 0, stream>>>(
+            reg.const_data_ptr<scalar_t>(), an.const_data_ptr<float>(), mt.const_data_ptr<int64_t>(),
+            gt.const_data_ptr<float>(), iw.const_data_ptr<double>(), B, A, M, static_cast<BoxLoss>(loss_type),
+            cp, beta, eps, partials.mutable_data_ptr<double>());
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  if (out_t == at::kDouble) {
+    box_loss_finish_kernel<double><<<1, 1024, 0, stream>>>(partials.const_data_ptr<double>(), blocks,
+                                                           out.mutable_data_ptr<double>());
+  } else {
+    box_loss_finish_kernel<float><<<1, 1024, 0, stream>>>(partials.const_data_ptr<double>(), blocks,
+                                                          out.mutable_data_ptr<float>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor matched_box_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& bbox_regression,
+                                          const at::Tensor& anchors, const at::Tensor& matches,
+                                          const at::Tensor& gt_boxes, const at::Tensor& image_weights,
+                                          int64_t loss_type, at::ArrayRef<double> weights, double clip,
+                                          double beta, double eps) {
+  const char* op = "retina_fast::matched_box_loss_backward";
+  check_box_loss(bbox_regression, anchors, matches, gt_boxes, image_weights, loss_type, beta, eps, op);
+  TORCH_CHECK(grad.numel() == 1, op, ": expected a scalar grad, got shape ", grad.sizes());
+  check_same_device(grad, bbox_regression, op, "grad", "bbox_regression");
+  const Weights w = check_weights(weights, op);
+  const c10::cuda::CUDAGuard guard(bbox_regression.device());
+  const at::ScalarType est = encode_dtype(anchors, gt_boxes);
+  const at::Tensor reg = bbox_regression.contiguous();
+  const at::Tensor an = anchors.to(est).contiguous();
+  const at::Tensor gt = gt_boxes.to(est).contiguous();
+  const at::Tensor mt = matches.contiguous();
+  const at::Tensor iw = image_weights.to(at::kDouble).contiguous();
+  const int64_t B = reg.size(0), A = reg.size(1), M = gt.size(1);
+  at::Tensor out = at::empty_like(reg);
+  if (B * A == 0) return out;
+  // the upstream gradient in the math dtype (float32 for 16-bit codes, float64 for float64)
+  const at::Tensor g = grad.reshape({}).to(reg.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const CoderParams cp{w.wx, w.wy, w.ww, w.wh, clip};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, reg.scalar_type(), "matched_box_loss_backward_cuda", [&] {
+    if (est == at::kDouble) {
+      box_loss_backward_kernel<scalar_t, double><<<cuda::grid_for(B * A), kThreads, 0, stream>>>(
+          g.const_data_ptr<acc_type<scalar_t>>(), reg.const_data_ptr<scalar_t>(), an.const_data_ptr<double>(),
+          mt.const_data_ptr<int64_t>(), gt.const_data_ptr<double>(), iw.const_data_ptr<double>(), B, A, M,
+          static_cast<BoxLoss>(loss_type), cp, beta, eps, out.mutable_data_ptr<scalar_t>());
+    } else {
+      box_loss_backward_kernel<scalar_t, float><<<cuda::grid_for(B * A), kThreads, 0, stream>>>(
+          g.const_data_ptr<acc_type<scalar_t>>(), reg.const_data_ptr<scalar_t>(), an.const_data_ptr<float>(),
+          mt.const_data_ptr<int64_t>(), gt.const_data_ptr<float>(), iw.const_data_ptr<double>(), B, A, M,
+          static_cast<BoxLoss>(loss_type), cp, beta, eps, out.mutable_data_ptr<scalar_t>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
 }
 
 // ------------------------------------------------------------------ encode / decode
@@ -576,6 +792,8 @@ TORCH_LIBRARY_IMPL(retina_fast, CUDA, m) {
   m.impl("grid_anchors", &grid_anchors_cuda);
   m.impl("match_anchors", &match_anchors_cuda);
   m.impl("gather_targets", &gather_targets_cuda);
+  m.impl("matched_box_loss", &matched_box_loss_cuda);
+  m.impl("matched_box_loss_backward", &matched_box_loss_backward_cuda);
   m.impl("encode_boxes", &encode_boxes_cuda);
   m.impl("decode_boxes", &decode_boxes_cuda);
   m.impl("decode_boxes_backward", &decode_boxes_backward_cuda);

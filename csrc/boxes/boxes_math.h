@@ -49,6 +49,19 @@ HOST_DEVICE_INLINE bool disjoint(acc_t gx1, acc_t gy1, acc_t gx2, acc_t gy2, acc
   return gx2 <= bx1 || gx1 >= bx2 || gy2 <= by1 || gy1 >= by2;
 }
 
+// Intersection of anchor a with crowd box g over the anchor's area (area_a = box_area of a),
+// as the loss's crowd regions define it: inter = clamp(R(min(x2)-max(x1)), 0) *
+// clamp(R(min(y2)-max(y1)), 0) (NaN-propagating min/max, as torch.minimum/maximum), divided
+// by max(area_a, 1e-6) (clamp(min=1e-6) keeps a NaN area NaN).
+template <typename acc_t, typename Round>
+HOST_DEVICE_INLINE acc_t ioa_coords(acc_t gx1, acc_t gy1, acc_t gx2, acc_t gy2, acc_t ax1, acc_t ay1,
+                                    acc_t ax2, acc_t ay2, acc_t area_a, Round round) {
+  const acc_t w = clamp_min0(round(sub_rn(nan_min(ax2, gx2), nan_max(ax1, gx1))));
+  const acc_t h = clamp_min0(round(sub_rn(nan_min(ay2, gy2), nan_max(ay1, gy1))));
+  const acc_t floor = acc_t(1e-6);
+  return mul_rn(w, h) / (area_a < floor ? floor : area_a);
+}
+
 // torch.max(dim) semantics for the running best gt of an anchor, gts visited in increasing
 // index: a later gt wins only when strictly greater, or when it is the first NaN.
 template <typename acc_t>

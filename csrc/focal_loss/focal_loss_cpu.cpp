@@ -14,8 +14,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "common/cpu_dispatch.h"
 #include "common/cpu_math.h"
@@ -26,7 +31,8 @@ namespace retina_fast {
 namespace focal {
 namespace {
 
-constexpr int64_t kChunk = 1024;   // elements widened / computed at once (stack buffers)
+constexpr int64_t kChunk = 1024;   // dense form: elements computed (and summed) at once
+constexpr int64_t kSpan = 4096;    // labels form: whole rows computed at once (stack buffers)
 constexpr int64_t kBlock = 16384;  // elements per reduction block and per parallel task
 
 // ---------------------------------------------------------------- float32 span kernels
@@ -76,6 +82,35 @@ HOST_DEVICE_INLINE void grad2_span(const float* x, const float* t, const float* 
   }
 }
 
+// Loss into lo and gs * dloss/dx into go from one sigmoid per element (the forward of a loss
+// whose gradient is needed). Targets as in loss_span.
+template <Gamma G>
+HOST_DEVICE_INLINE void fused_span(const float* x, const float* t, float tc, float tcec, float* lo,
+                                   float* go, float gs, int64_t n, Params<float> p) {
+  if (t) {
+    for (int64_t i = 0; i < n; ++i) {
+      float l, d;
+      loss_and_dloss<float, FastMath, G>(x[i], t[i], t[i], p, l, d);
+      lo[i] = l;
+      go[i] = gs * d;
+    }
+  } else if (tc == 0.0f && tcec == 0.0f) {
+    for (int64_t i = 0; i < n; ++i) {
+      float l, d;
+      loss_and_dloss_t0<float, FastMath, G>(x[i], p, l, d);
+      lo[i] = l;
+      go[i] = gs * d;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      float l, d;
+      loss_and_dloss<float, FastMath, G>(x[i], tc, tcec, p, l, d);
+      lo[i] = l;
+      go[i] = gs * d;
+    }
+  }
+}
+
 // Runs __VA_ARGS__ as span<G>(...) with G the call's Gamma kind. An explicit switch, not a
 // lambda: the span loops must inline into each clone before vectorisation, so each clone
 // (AVX-512, AVX2, baseline) gets its own vector width.
@@ -118,6 +153,17 @@ RF_CPU_DISPATCH(void, grad2_span_f32,
                 int64_t n, float alpha, float gamma, Gamma kind),
                 (x, t, g, gs, ox, ot, n, alpha, gamma, kind))
 
+HOST_DEVICE_INLINE void fused_span_f32_impl(const float* x, const float* t, float tc, float tcec, float* lo,
+                                     float* go, float gs, int64_t n, float alpha, float gamma,
+                                     Gamma kind) {
+  const Params<float> p{alpha, gamma};
+  RF_SPAN_SWITCH(kind, fused_span, x, t, tc, tcec, lo, go, gs, n, p)
+}
+RF_CPU_DISPATCH(void, fused_span_f32,
+                (const float* x, const float* t, float tc, float tcec, float* lo, float* go,
+                float gs, int64_t n, float alpha, float gamma, Gamma kind),
+                (x, t, tc, tcec, lo, go, gs, n, alpha, gamma, kind))
+
 // Sum of n floats in 16 independent lanes (vectorisable without reassociation), then double.
 HOST_DEVICE_INLINE double sum_span_f32_impl(const float* v, int64_t n) {
   float lanes[16] = {0.f};
@@ -132,6 +178,30 @@ HOST_DEVICE_INLINE double sum_span_f32_impl(const float* v, int64_t n) {
 }
 RF_CPU_DISPATCH(double, sum_span_f32, (const float* v, int64_t n), (v, n))
 
+// sum_span_f32 of each of `rows` rows of K floats.
+HOST_DEVICE_INLINE void row_sums_f32_impl(const float* v, int64_t rows, int64_t K, double* sums) {
+  for (int64_t r = 0; r < rows; ++r) sums[r] = sum_span_f32_impl(v + r * K, K);
+}
+RF_CPU_DISPATCH(void, row_sums_f32, (const float* v, int64_t rows, int64_t K, double* sums),
+                (v, rows, K, sums))
+
+// v[r, j] = (s[r] * g[r, j]) * v[r, j] (g == nullptr: s[r] * v[r, j]) over rows of K floats.
+HOST_DEVICE_INLINE void scale_rows_f32_impl(float* v, const float* g, const float* s, int64_t rows,
+                                     int64_t K) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* vr = v + r * K;
+    const float sr = s[r];
+    if (g) {
+      const float* gr = g + r * K;
+      for (int64_t j = 0; j < K; ++j) vr[j] = (sr * gr[j]) * vr[j];
+    } else {
+      for (int64_t j = 0; j < K; ++j) vr[j] = sr * vr[j];
+    }
+  }
+}
+RF_CPU_DISPATCH(void, scale_rows_f32, (float* v, const float* g, const float* s, int64_t rows, int64_t K),
+                (v, g, s, rows, K))
+
 // ---------------------------------------------------------------- per-dtype chunk adapters
 // acc_t: float for float/half/bfloat16, double for double.
 template <typename scalar_t>
@@ -142,7 +212,7 @@ struct Chunk {
   using acc_t = acc_type<scalar_t>;
 
   // losses of x[0:n] (targets t, or the constants tc / tcec, see loss_span) into out[0:n],
-  // n <= kChunk
+  // n <= kSpan
   static void loss(const scalar_t* x, const scalar_t* t, acc_t tc, acc_t tcec, acc_t* out, int64_t n,
                    double alpha, double gamma, Gamma kind) {
     if constexpr (std::is_same<scalar_t, double>::value) {
@@ -155,7 +225,7 @@ struct Chunk {
     } else if constexpr (std::is_same<scalar_t, float>::value) {
       loss_span_f32(x, t, tc, tcec, out, n, float(alpha), float(gamma), kind);
     } else {
-      float xb[kChunk], tb[kChunk];
+      float xb[kSpan], tb[kSpan];
       widen(x, xb, n);
       if (t) widen(t, tb, n);
       loss_span_f32(xb, t ? tb : nullptr, tc, tcec, out, n, float(alpha), float(gamma), kind);
@@ -176,7 +246,7 @@ struct Chunk {
     } else if constexpr (std::is_same<scalar_t, float>::value) {
       grad_span_f32(x, t, tc, tcec, g, gs, out, n, float(alpha), float(gamma), kind);
     } else {
-      float xb[kChunk], tb[kChunk], gb[kChunk];
+      float xb[kSpan], tb[kSpan], gb[kSpan];
       widen(x, xb, n);
       if (t) widen(t, tb, n);
       if (g) widen(g, gb, n);
@@ -208,6 +278,49 @@ struct Chunk {
     }
   }
 
+  // loss into lo, gs * dloss/dx into go, from one sigmoid per element (targets as in loss)
+  static void fused(const scalar_t* x, const scalar_t* t, acc_t tc, acc_t tcec, acc_t* lo, acc_t* go,
+                    acc_t gs, int64_t n, double alpha, double gamma, Gamma kind) {
+    if constexpr (std::is_same<scalar_t, double>::value) {
+      const Params<double> p{alpha, gamma};
+      RETINA_FAST_DISPATCH_GAMMA(kind, G, [&] {
+        for (int64_t i = 0; i < n; ++i) {
+          double l, d;
+          if (t) focal::loss_and_dloss<double, StdMath, G>(x[i], t[i], t[i], p, l, d);
+          else focal::loss_and_dloss<double, StdMath, G>(x[i], tc, tcec, p, l, d);
+          lo[i] = l;
+          go[i] = gs * d;
+        }
+      });
+    } else if constexpr (std::is_same<scalar_t, float>::value) {
+      fused_span_f32(x, t, tc, tcec, lo, go, gs, n, float(alpha), float(gamma), kind);
+    } else {
+      float xb[kSpan], tb[kSpan];
+      widen(x, xb, n);
+      if (t) widen(t, tb, n);
+      fused_span_f32(xb, t ? tb : nullptr, tc, tcec, lo, go, gs, n, float(alpha), float(gamma), kind);
+    }
+  }
+
+  static void row_sums(const acc_t* v, int64_t rows, int64_t K, double* sums) {
+    if constexpr (std::is_same<acc_t, float>::value) {
+      row_sums_f32(v, rows, K, sums);
+    } else {
+      for (int64_t r = 0; r < rows; ++r) sums[r] = sum(v + r * K, K);
+    }
+  }
+
+  // v[r, j] = (s[r] * g[r, j]) * v[r, j], or s[r] * v[r, j] without g (g in acc_t)
+  static void scale_rows(acc_t* v, const acc_t* g, const acc_t* s, int64_t rows, int64_t K) {
+    if constexpr (std::is_same<acc_t, float>::value) {
+      scale_rows_f32(v, g, s, rows, K);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < K; ++j)
+          v[r * K + j] = g ? (s[r] * g[r * K + j]) * v[r * K + j] : s[r] * v[r * K + j];
+    }
+  }
+
   static void widen(const scalar_t* v, float* out, int64_t n) {
     for (int64_t i = 0; i < n; ++i) out[i] = float(v[i]);
   }
@@ -227,6 +340,28 @@ struct Chunk {
   }
 };
 
+// A gradient-sized output ([N, K], tens of MB): on Linux with transparent huge pages in
+// "madvise" mode, 2 MB pages ask the kernel for ~512x fewer page faults than the default
+// allocator's fresh 4 kB pages. Allocating and first touching a 38 MB tensor cost 1.8 ns per
+// float32 element there (more than the focal loss math, ~1.5 ns), 0.35 ns with huge pages
+// (benchmarks/bench_focal_floor.py). torch does the same for every large allocation under
+// THP_MEM_ALLOC_ENABLE=1. Small outputs, and other systems, get at::empty.
+at::Tensor empty_output_like(const at::Tensor& like) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t nbytes = size_t(like.numel()) * like.element_size();
+  if (nbytes >= 2 * kHuge && like.layout() == at::kStrided && like.device().is_cpu()) {
+    const size_t rounded = (nbytes + kHuge - 1) / kHuge * kHuge;
+    void* p = nullptr;
+    if (posix_memalign(&p, kHuge, rounded) == 0) {
+      madvise(p, rounded, MADV_HUGEPAGE);  // advice only: failure leaves 4 kB pages
+      return at::from_blob(p, like.sizes(), [](void* q) { std::free(q); }, like.options());
+    }
+  }
+#endif
+  return at::empty(like.sizes(), like.options());
+}
+
 double sum_partials(const std::vector<double>& partials) {
   double s = 0.0;
   for (double v : partials) s += v;
@@ -243,7 +378,7 @@ at::Tensor dense_forward_cpu(const at::Tensor& inputs, const at::Tensor& targets
   const at::Tensor t = targets.to(inputs.scalar_type()).contiguous();
   const int64_t n = x.numel();
   const Gamma kind = gamma_kind(gamma);
-  at::Tensor out = reduction == kNone ? at::empty_like(x) : at::Tensor();
+  at::Tensor out = reduction == kNone ? empty_output_like(x) : at::Tensor();
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
   std::vector<double> partials(reduction == kNone ? 0 : nblocks, 0.0);
 
@@ -284,7 +419,7 @@ at::Tensor dense_backward_cpu(const at::Tensor& grad, const at::Tensor& inputs,
   const at::Tensor t = targets.to(inputs.scalar_type()).contiguous();
   const int64_t n = x.numel();
   const Gamma kind = gamma_kind(gamma);
-  at::Tensor gin = at::empty_like(x);
+  at::Tensor gin = empty_output_like(x);
   if (n == 0) return gin;
   at::Tensor g = reduction == kNone ? grad.to(x.scalar_type()).contiguous() : at::Tensor();
   double gscale = 1.0;
@@ -325,7 +460,7 @@ std::tuple<at::Tensor, at::Tensor> dense_backward_with_targets_cpu(
   const at::Tensor t = targets.to(inputs.scalar_type()).contiguous();
   const int64_t n = x.numel();
   const Gamma kind = gamma_kind(gamma);
-  at::Tensor gin = at::empty_like(x), gt = at::empty_like(x);
+  at::Tensor gin = empty_output_like(x), gt = empty_output_like(x);
   if (n == 0) return {gin, gt.to(targets.scalar_type())};
   at::Tensor g = reduction == kNone ? grad.to(x.scalar_type()).contiguous() : at::Tensor();
   double gscale = 1.0;
@@ -387,76 +522,194 @@ int64_t count_valid_rows(const int64_t* lp, int64_t N, int64_t K, const char* op
   return valid;
 }
 
-at::Tensor labels_forward_cpu(const at::Tensor& logits, const at::Tensor& labels,
-                              const c10::optional<at::Tensor>& weights, double alpha, double gamma,
-                              int64_t reduction, double label_smoothing) {
-  const char* op = "retina_fast::sigmoid_focal_loss_labels";
-  check_labels(logits, labels, gamma, reduction, label_smoothing, op);
-  check_row_weights(weights, logits, op);
-  const at::Tensor x = logits.contiguous();
-  const at::Tensor lab = labels.contiguous();
-  const at::Tensor w = weights.has_value() ? weights->to(at::kDouble).contiguous() : at::Tensor();
-  const int64_t N = x.size(0), K = x.size(1);
-  const Gamma kind = gamma_kind(gamma);
-  const LabelTargets tg = label_targets(label_smoothing);
-  at::Tensor out = reduction == kNone ? at::empty_like(x) : at::Tensor();
+// One pass of the labels form over logits [N, K]: any of the reduced loss (per-block partial
+// sums), the unreduced loss, and the gradient (times gscale, the row weight and, for the
+// unreduced backward, the upstream gradient).
+struct LabelsPass {
+  const int64_t* lab;  // [N]
+  const double* w;     // [N] row weights, or nullptr
+  int64_t N, K;
+  double alpha, gamma;
+  Gamma kind;
+  LabelTargets tg;
+  bool sum;          // per-block partial sums of the (weighted) loss
+  void* loss_out;    // [N, K] weighted losses (reduction 'none'), or nullptr
+  void* grad_out;    // [N, K] gradient, or nullptr
+  const void* g;     // [N, K] upstream gradient (backward of 'none'), or nullptr
+  double gscale;     // gradient scale: upstream scalar, divided by the count for 'mean'
+  const char* op;
+};
+
+// Rows are processed in groups of whole rows that are contiguous in memory (up to kSpan
+// elements; a row longer than that is cut into column chunks): one span call computes every
+// element at the background target, then each row puts its labelled element right and is
+// summed, scaled or zeroed. Few calls per group, so the per-element math dominates
+// (benchmarks/bench_focal_floor.py measures how close it gets to the math alone). Sums per
+// row (16 float lanes, then double) and per block in a fixed order: independent of threads.
+template <typename scalar_t>
+void labels_pass(const scalar_t* xp, const LabelsPass& P, std::vector<double>& partials,
+                 std::vector<int64_t>& valid) {
+  using C = Chunk<scalar_t>;
+  using acc_t = typename C::acc_t;
+  constexpr bool kDirect = std::is_same<acc_t, scalar_t>::value;  // gradient computed in place
+  const int64_t N = P.N, K = P.K;
   const int64_t rpb = rows_per_block(K);
   const int64_t nblocks = (N + rpb - 1) / rpb;
+  const int64_t group_rows = K == 0 ? rpb : (K <= kSpan ? kSpan / K : 1);
+  const acc_t tneg = acc_t(P.tg.neg), tpos = acc_t(P.tg.pos);
+  const bool want_loss = P.sum || P.loss_out;
+  const bool want_grad = P.grad_out != nullptr;
+  scalar_t* lo = static_cast<scalar_t*>(P.loss_out);
+  scalar_t* go = static_cast<scalar_t*>(P.grad_out);
+  const scalar_t* gu = static_cast<const scalar_t*>(P.g);
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> lbuf(want_loss ? kSpan : 0), gbuf(want_grad && !kDirect ? kSpan : 0);
+    std::vector<acc_t> ubuf(gu && !kDirect ? kSpan : 0);
+    std::vector<acc_t> scale(want_grad || P.w ? kSpan : 0);
+    std::vector<double> sums(P.sum ? kSpan : 0);
+    std::vector<uint8_t> ignored(kSpan);
+    for (int64_t b = b0; b < b1; ++b) {
+      double acc = 0.0;
+      int64_t nvalid = 0;
+      const int64_t rend = std::min(N, (b + 1) * rpb);
+      for (int64_t r = b * rpb; r < rend;) {
+        const int64_t nr = std::min(group_rows, rend - r);
+        for (int64_t c0 = 0; c0 < K || (K == 0 && c0 == 0); c0 += kSpan) {
+          const int64_t len = K <= kSpan ? K : std::min(kSpan, K - c0);
+          const int64_t n = nr * len, base = r * K + c0;  // nr == 1 or len == K: contiguous
+          acc_t* gd = nullptr;
+          if (want_grad) gd = kDirect ? reinterpret_cast<acc_t*>(go + base) : gbuf.data();
+          if (want_loss && want_grad)
+            C::fused(xp + base, nullptr, acc_t(0), tneg, lbuf.data(), gd, acc_t(1), n, P.alpha, P.gamma, P.kind);
+          else if (want_loss)
+            C::loss(xp + base, nullptr, acc_t(0), tneg, lbuf.data(), n, P.alpha, P.gamma, P.kind);
+          else
+            C::grad(xp + base, nullptr, acc_t(0), tneg, nullptr, acc_t(1), gd, n, P.alpha, P.gamma, P.kind);
+          bool any_ignored = false;
+          for (int64_t i = 0; i < nr; ++i) {
+            const int64_t row = r + i, l = P.lab[row];
+            if (l < kIgnore || l >= K) bad_label(P.op, row, l, K);
+            ignored[i] = l == kIgnore;
+            any_ignored = any_ignored || l == kIgnore;
+            if (l == kIgnore) continue;
+            if (c0 == 0) ++nvalid;
+            const double wr = P.w ? P.w[row] : 1.0;
+            if (want_grad) scale[i] = acc_t(P.gscale * wr);
+            else if (P.w) scale[i] = acc_t(wr);
+            if (l < c0 || l >= c0 + len) continue;
+            const int64_t j = i * len + (l - c0);  // the labelled element, within the group
+            if (want_loss && want_grad)
+              C::fused(xp + base + j, nullptr, acc_t(1), tpos, &lbuf[j], gd + j, acc_t(1), 1, P.alpha, P.gamma, P.kind);
+            else if (want_loss)
+              C::loss(xp + base + j, nullptr, acc_t(1), tpos, &lbuf[j], 1, P.alpha, P.gamma, P.kind);
+            else
+              C::grad(xp + base + j, nullptr, acc_t(1), tpos, nullptr, acc_t(1), gd + j, 1, P.alpha, P.gamma, P.kind);
+          }
+          if (P.sum) {
+            C::row_sums(lbuf.data(), nr, len, sums.data());
+            for (int64_t i = 0; i < nr; ++i)
+              if (!ignored[i]) acc += (P.w ? P.w[r + i] : 1.0) * sums[i];
+          }
+          if (lo) {
+            if (P.w) C::scale_rows(lbuf.data(), nullptr, scale.data(), nr, len);
+            for (int64_t i = 0; i < nr && any_ignored; ++i)
+              if (ignored[i]) std::fill(&lbuf[i * len], &lbuf[(i + 1) * len], acc_t(0));
+            C::store(lbuf.data(), lo + base, n);
+          }
+          if (want_grad) {
+            const acc_t* up = nullptr;
+            if (gu) {
+              if constexpr (kDirect) {
+                up = reinterpret_cast<const acc_t*>(gu + base);
+              } else {
+                C::widen(gu + base, ubuf.data(), n);
+                up = ubuf.data();
+              }
+            }
+            for (int64_t i = 0; i < nr; ++i)
+              if (ignored[i]) scale[i] = acc_t(0);
+            C::scale_rows(gd, up, scale.data(), nr, len);
+            // ignored rows: zero, whatever the logits hold (0 * NaN would not be)
+            for (int64_t i = 0; i < nr && any_ignored; ++i)
+              if (ignored[i]) std::fill(gd + i * len, gd + (i + 1) * len, acc_t(0));
+            if constexpr (!kDirect) C::store(gd, go + base, n);
+          }
+          if (K == 0) break;
+        }
+        r += nr;
+      }
+      partials[b] = acc;
+      valid[b] = nvalid;
+    }
+  });
+}
+
+// The labels form's common set-up: checks, contiguous inputs, double row weights.
+struct LabelsInputs {
+  at::Tensor x, lab, w;
+  int64_t N, K;
+};
+
+LabelsInputs labels_inputs(const at::Tensor& logits, const at::Tensor& labels,
+                           const c10::optional<at::Tensor>& weights, double gamma, int64_t reduction,
+                           double label_smoothing, const char* op) {
+  check_labels(logits, labels, gamma, reduction, label_smoothing, op);
+  check_row_weights(weights, logits, op);
+  LabelsInputs in;
+  in.x = logits.contiguous();
+  in.lab = labels.contiguous();
+  in.w = weights.has_value() ? weights->to(at::kDouble).contiguous() : at::Tensor();
+  in.N = in.x.size(0);
+  in.K = in.x.size(1);
+  return in;
+}
+
+LabelsPass make_pass(const LabelsInputs& in, double alpha, double gamma, double label_smoothing,
+                     const char* op) {
+  LabelsPass P{};
+  P.lab = in.lab.const_data_ptr<int64_t>();
+  P.w = in.w.defined() ? in.w.const_data_ptr<double>() : nullptr;
+  P.N = in.N;
+  P.K = in.K;
+  P.alpha = alpha;
+  P.gamma = gamma;
+  P.kind = gamma_kind(gamma);
+  P.tg = label_targets(label_smoothing);
+  P.gscale = 1.0;
+  P.op = op;
+  return P;
+}
+
+// Runs the pass; returns the reduced loss (reduction sum/mean), or an undefined tensor.
+at::Tensor run_labels_pass(const LabelsInputs& in, const LabelsPass& P, int64_t reduction) {
+  const int64_t nblocks = (in.N + rows_per_block(in.K) - 1) / rows_per_block(in.K);
   std::vector<double> partials(nblocks, 0.0);
   std::vector<int64_t> valid(nblocks, 0);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "focal_labels_fwd_cpu", [&] {
-    using C = Chunk<scalar_t>;
-    using acc_t = typename C::acc_t;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const int64_t* lp = lab.const_data_ptr<int64_t>();
-    const double* wp = w.defined() ? w.const_data_ptr<double>() : nullptr;
-    scalar_t* op_ = out.defined() ? out.mutable_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      acc_t buf[kChunk];
-      for (int64_t b = b0; b < b1; ++b) {
-        double acc = 0.0;
-        int64_t nvalid = 0;
-        for (int64_t r = b * rpb, rend = std::min(N, (b + 1) * rpb); r < rend; ++r) {
-          const int64_t l = lp[r];
-          if (l < kIgnore || l >= K) bad_label(op, r, l, K);
-          const scalar_t* xr = xp + r * K;
-          if (l == kIgnore) {
-            if (op_) std::fill(op_ + r * K, op_ + (r + 1) * K, scalar_t(0));
-            continue;
-          }
-          ++nvalid;
-          for (int64_t c = 0; c < K; c += kChunk) {
-            const int64_t len = std::min(kChunk, K - c);
-            C::loss(xr + c, nullptr, acc_t(0), acc_t(tg.neg), buf, len, alpha, gamma, kind);
-            if (l >= c && l < c + len) {
-              C::loss(xr + l, nullptr, acc_t(1), acc_t(tg.pos), buf + (l - c), 1, alpha, gamma, kind);
-            }
-            if (op_) {
-              if (wp) {
-                const acc_t wr = acc_t(wp[r]);
-                for (int64_t i = 0; i < len; ++i) buf[i] *= wr;
-              }
-              C::store(buf, op_ + r * K + c, len);
-            } else {
-              acc += (wp ? wp[r] : 1.0) * C::sum(buf, len);
-            }
-          }
-        }
-        partials[b] = acc;
-        valid[b] = nvalid;
-      }
-    });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "focal_labels_cpu", [&] {
+    labels_pass<scalar_t>(in.x.const_data_ptr<scalar_t>(), P, partials, valid);
   });
-  if (reduction == kNone) return out;
+  if (reduction == kNone || !P.sum) return at::Tensor();
   double total = sum_partials(partials);
   if (reduction == kMean) {
     int64_t nvalid = 0;
     for (int64_t v : valid) nvalid += v;
-    total /= double(nvalid) * double(K);  // nothing valid: 0 / 0 = NaN, as torch.mean
+    total /= double(nvalid) * double(in.K);  // nothing valid: 0 / 0 = NaN, as torch.mean
   }
   // A sum over 10^7 half elements overflows half: reduced results are float32 (or float64).
-  return at::scalar_tensor(total, x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  return at::scalar_tensor(total, in.x.options().dtype(in.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+}
+
+at::Tensor labels_forward_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                              const c10::optional<at::Tensor>& weights, double alpha, double gamma,
+                              int64_t reduction, double label_smoothing) {
+  const char* op = "retina_fast::sigmoid_focal_loss_labels";
+  const LabelsInputs in = labels_inputs(logits, labels, weights, gamma, reduction, label_smoothing, op);
+  LabelsPass P = make_pass(in, alpha, gamma, label_smoothing, op);
+  at::Tensor out = reduction == kNone ? empty_output_like(in.x) : at::Tensor();
+  P.sum = reduction != kNone;
+  P.loss_out = out.defined() ? out.data_ptr() : nullptr;
+  at::Tensor total = run_labels_pass(in, P, reduction);
+  return reduction == kNone ? out : total;
 }
 
 at::Tensor labels_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
@@ -464,63 +717,117 @@ at::Tensor labels_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
                                double alpha, double gamma, int64_t reduction,
                                double label_smoothing) {
   const char* op = "retina_fast::sigmoid_focal_loss_labels_backward";
-  check_labels(logits, labels, gamma, reduction, label_smoothing, op);
-  check_row_weights(weights, logits, op);
+  const LabelsInputs in = labels_inputs(logits, labels, weights, gamma, reduction, label_smoothing, op);
   check_grad(grad, logits, reduction, op);
-  const at::Tensor x = logits.contiguous();
-  const at::Tensor lab = labels.contiguous();
-  const at::Tensor w = weights.has_value() ? weights->to(at::kDouble).contiguous() : at::Tensor();
-  const int64_t N = x.size(0), K = x.size(1);
-  const Gamma kind = gamma_kind(gamma);
-  const LabelTargets tg = label_targets(label_smoothing);
-  at::Tensor gin = at::empty_like(x);
-  if (N == 0 || K == 0) return gin;
-  at::Tensor g = reduction == kNone ? grad.to(x.scalar_type()).contiguous() : at::Tensor();
-  double gscale = 1.0;
+  at::Tensor gin = empty_output_like(in.x);
+  if (in.N == 0 || in.K == 0) return gin;
+  LabelsPass P = make_pass(in, alpha, gamma, label_smoothing, op);
+  at::Tensor g = reduction == kNone ? grad.to(in.x.scalar_type()).contiguous() : at::Tensor();
   if (reduction != kNone) {
-    gscale = grad.item<double>();
-    if (reduction == kMean) {
-      gscale /= double(count_valid_rows(lab.const_data_ptr<int64_t>(), N, K, op)) * double(K);
-    }
+    P.gscale = grad.item<double>();
+    if (reduction == kMean)
+      P.gscale /= double(count_valid_rows(P.lab, in.N, in.K, op)) * double(in.K);
   }
-  const int64_t rpb = rows_per_block(K);
-  const int64_t nblocks = (N + rpb - 1) / rpb;
+  P.grad_out = gin.data_ptr();
+  P.g = g.defined() ? g.const_data_ptr() : nullptr;
+  run_labels_pass(in, P, reduction);
+  return gin;
+}
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "focal_labels_bwd_cpu", [&] {
+// Forward of a reduced loss whose gradient is needed: (loss, d loss / d logits) from one pass,
+// one sigmoid per element. The loss is bitwise that of labels_forward_cpu, the gradient that of
+// labels_backward_cpu for an upstream gradient of 1; autograd's backward then only scales it.
+std::tuple<at::Tensor, at::Tensor> labels_forward_with_grad_cpu(
+    const at::Tensor& logits, const at::Tensor& labels, const c10::optional<at::Tensor>& weights,
+    double alpha, double gamma, int64_t reduction, double label_smoothing) {
+  const char* op = "retina_fast::sigmoid_focal_loss_labels_with_grad";
+  const LabelsInputs in = labels_inputs(logits, labels, weights, gamma, reduction, label_smoothing, op);
+  TORCH_CHECK(reduction == kMean || reduction == kSum, op,
+              ": expected reduction 1 (mean) or 2 (sum), got ", reduction);
+  LabelsPass P = make_pass(in, alpha, gamma, label_smoothing, op);
+  at::Tensor gin = empty_output_like(in.x);
+  if (reduction == kMean && in.N > 0 && in.K > 0)
+    P.gscale /= double(count_valid_rows(P.lab, in.N, in.K, op)) * double(in.K);
+  P.sum = true;
+  P.grad_out = gin.data_ptr();
+  at::Tensor total = run_labels_pass(in, P, reduction);
+  return {total, gin};
+}
+
+// The dense form's counterpart: (loss, d loss / d inputs) for reduction sum/mean.
+std::tuple<at::Tensor, at::Tensor> dense_forward_with_grad_cpu(const at::Tensor& inputs,
+                                                               const at::Tensor& targets,
+                                                               double alpha, double gamma,
+                                                               int64_t reduction) {
+  const char* op = "retina_fast::sigmoid_focal_loss_with_grad";
+  check_dense(inputs, targets, gamma, reduction, op);
+  TORCH_CHECK(reduction == kMean || reduction == kSum, op,
+              ": expected reduction 1 (mean) or 2 (sum), got ", reduction);
+  const at::Tensor x = inputs.contiguous();
+  const at::Tensor t = targets.to(inputs.scalar_type()).contiguous();
+  const int64_t n = x.numel();
+  const Gamma kind = gamma_kind(gamma);
+  at::Tensor gin = empty_output_like(x);
+  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  std::vector<double> partials(nblocks, 0.0);
+  // the gradient scale of dense_backward_cpu for an upstream gradient of 1
+  const double gscale = reduction == kMean ? 1.0 / double(n) : 1.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "focal_fwd_grad_cpu", [&] {
     using C = Chunk<scalar_t>;
     using acc_t = typename C::acc_t;
+    constexpr bool kDirect = std::is_same<acc_t, scalar_t>::value;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* gp = g.defined() ? g.const_data_ptr<scalar_t>() : nullptr;
-    const int64_t* lp = lab.const_data_ptr<int64_t>();
-    const double* wp = w.defined() ? w.const_data_ptr<double>() : nullptr;
-    scalar_t* out = gin.mutable_data_ptr<scalar_t>();
+    const scalar_t* tp = t.const_data_ptr<scalar_t>();
+    scalar_t* gp = gin.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      acc_t buf[kChunk];
-      for (int64_t r = b0 * rpb, rend = std::min(N, b1 * rpb); r < rend; ++r) {
-        const int64_t l = lp[r];
-        if (l < kIgnore || l >= K) bad_label(op, r, l, K);
-        scalar_t* orow = out + r * K;
-        if (l == kIgnore) {  // ignored anchors: zero gradient, whatever the logits hold
-          std::fill(orow, orow + K, scalar_t(0));
-          continue;
+      std::vector<acc_t> lbuf(kChunk), gbuf(kDirect ? 0 : kChunk);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t end = std::min(n, (b + 1) * kBlock);
+        double acc = 0.0;
+        for (int64_t i = b * kBlock; i < end; i += kChunk) {
+          const int64_t len = std::min(kChunk, end - i);
+          acc_t* gd = kDirect ? reinterpret_cast<acc_t*>(gp + i) : gbuf.data();
+          C::fused(xp + i, tp + i, acc_t(0), acc_t(0), lbuf.data(), gd, acc_t(gscale), len, alpha, gamma, kind);
+          if constexpr (!kDirect) C::store(gd, gp + i, len);
+          acc += C::sum(lbuf.data(), len);
         }
-        const scalar_t* xr = xp + r * K;
-        const scalar_t* gr = gp ? gp + r * K : nullptr;
-        const acc_t gs = acc_t(wp ? gscale * wp[r] : gscale);
-        for (int64_t c = 0; c < K; c += kChunk) {
-          const int64_t len = std::min(kChunk, K - c);
-          C::grad(xr + c, nullptr, acc_t(0), acc_t(tg.neg), gr ? gr + c : nullptr, gs, buf, len, alpha,
-                  gamma, kind);
-          if (l >= c && l < c + len) {
-            C::grad(xr + l, nullptr, acc_t(1), acc_t(tg.pos), gr ? gr + l : nullptr, gs, buf + (l - c), 1,
-                    alpha, gamma, kind);
-          }
-          C::store(buf, orow + c, len);
-        }
+        partials[b] = acc;
       }
     });
   });
-  return gin;
+  double total = sum_partials(partials);
+  if (reduction == kMean) total /= double(n);
+  return {at::scalar_tensor(total, x.options()), gin};
+}
+
+// Benchmark hook (benchmarks/bench_focal_floor.py): the per-element math alone. Runs the span
+// function of `mode` (0 forward, 1 backward, 2 both from one sigmoid) `reps` times over the
+// float32 logits x (targets t, or the labels form's background target when t is None) on the
+// calling thread, in this process's ISA variant; x should fit in L1. Returns [2, n]: the
+// outputs (loss, gradient), so that nothing is optimised away.
+at::Tensor focal_math_bench_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& t, int64_t reps,
+                                int64_t mode, double alpha, double gamma) {
+  const char* op = "retina_fast::_focal_math_bench";
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 1, op, ": expected float32 x of shape [n], got ",
+              x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(!t.has_value() || (t->scalar_type() == at::kFloat && t->sizes() == x.sizes()), op,
+              ": expected float32 t of x's shape");
+  TORCH_CHECK(mode >= 0 && mode <= 2 && reps >= 0, op, ": expected mode 0, 1 or 2 and reps >= 0");
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor tc = t.has_value() ? t->contiguous() : at::Tensor();
+  at::Tensor out = at::zeros({2, x.numel()}, x.options());
+  const float* xp = xc.const_data_ptr<float>();
+  const float* tp = tc.defined() ? tc.const_data_ptr<float>() : nullptr;
+  float* lo = out.mutable_data_ptr<float>();
+  float* go = lo + x.numel();
+  const int64_t n = x.numel();
+  const Gamma kind = gamma_kind(gamma);
+  for (int64_t k = 0; k < reps; ++k) {
+    if (mode == 0) loss_span_f32(xp, tp, 0.f, 0.f, lo, n, float(alpha), float(gamma), kind);
+    else if (mode == 1) grad_span_f32(xp, tp, 0.f, 0.f, nullptr, 1.f, go, n, float(alpha), float(gamma), kind);
+    else fused_span_f32(xp, tp, 0.f, 0.f, lo, go, 1.f, n, float(alpha), float(gamma), kind);
+  }
+  return out;
 }
 
 }  // namespace
@@ -531,6 +838,9 @@ TORCH_LIBRARY_IMPL(retina_fast, CPU, m) {
   m.impl("sigmoid_focal_loss_backward_with_targets", &dense_backward_with_targets_cpu);
   m.impl("sigmoid_focal_loss_labels", &labels_forward_cpu);
   m.impl("sigmoid_focal_loss_labels_backward", &labels_backward_cpu);
+  m.impl("sigmoid_focal_loss_labels_with_grad", &labels_forward_with_grad_cpu);
+  m.impl("sigmoid_focal_loss_with_grad", &dense_forward_with_grad_cpu);
+  m.impl("_focal_math_bench", &focal_math_bench_cpu);
 }
 
 }  // namespace focal

@@ -455,6 +455,98 @@ std::tuple<at::Tensor, at::Tensor> dense_backward_with_targets_cuda(
   return {gx, gt.to(targets.scalar_type())};
 }
 
+
+// ------------------------------------------------------------------ forward with gradient
+
+// Loss partials per block and grad_in[i] = s * w * dloss/dx from one sigmoid per element, with
+// s = 1 / (count ? *count * div : div) (the backward's scale for an upstream gradient of 1).
+template <typename scalar_t, Gamma G, typename Target>
+__global__ void forward_grad_kernel(const scalar_t* __restrict__ x, Target tgt, int64_t n,
+                                    Params<acc_type<scalar_t>> p, const int64_t* __restrict__ count,
+                                    double div, scalar_t* __restrict__ gin,
+                                    acc_type<scalar_t>* __restrict__ partials) {
+  using acc_t = acc_type<scalar_t>;
+  __shared__ acc_t smem[32];
+  const acc_t s = acc_t(1.0 / (count ? double(*count) * div : div));
+  acc_t acc = 0;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t i0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  tgt.start(i0, stride);
+  for (int64_t i = i0; i < n; i += stride, tgt.advance()) {
+    acc_t t, tce, w;
+    acc_t v = 0, d = 0;
+    if (tgt.get(i, t, tce, w)) {
+      acc_t l;
+      loss_and_dloss<acc_t, CudaMath, G>(acc_t(x[i]), t, tce, p, l, d);
+      v = w * l;
+      d = (s * w) * d;
+    }
+    gin[i] = scalar_t(d);
+    acc += v;
+  }
+  acc = cuda::block_reduce_sum(acc, smem);
+  if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+template <typename scalar_t, typename Target>
+std::tuple<at::Tensor, at::Tensor> launch_forward_grad(const at::Tensor& x, Target tgt, int64_t reduction,
+                                                       double alpha, double gamma, at::ScalarType red_dtype,
+                                                       const at::Tensor& labels_for_mean, int64_t K) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t n = x.numel();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Params<acc_t> p{acc_t(alpha), acc_t(gamma)};
+  at::Tensor gin = at::empty_like(x);
+  const int64_t blocks = cuda::grid_for(n);
+  at::Tensor partials = at::empty({blocks}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor count;
+  double divisor = 1.0;
+  if (reduction == kMean) {
+    if (labels_for_mean.defined()) {
+      count = count_valid_rows(labels_for_mean, stream);
+      divisor = double(K);
+    } else {
+      divisor = double(n);
+    }
+  }
+  const int64_t* cp = count.defined() ? count.const_data_ptr<int64_t>() : nullptr;
+  at::Tensor result = at::empty({}, partials.options());
+  if (n > 0) {
+    RETINA_FAST_DISPATCH_GAMMA(gamma_kind(gamma), G, [&] {
+      forward_grad_kernel<scalar_t, G, Target><<<blocks, kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), tgt, n, p, cp, divisor, gin.mutable_data_ptr<scalar_t>(),
+          partials.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  finish_sum_kernel<acc_t, acc_t><<<1, 1024, 0, stream>>>(
+      partials.const_data_ptr<acc_t>(), n > 0 ? blocks : 0, cp, reduction == kMean ? divisor : 1.0,
+      result.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {result.to(red_dtype), gin};
+}
+
+std::tuple<at::Tensor, at::Tensor> dense_forward_with_grad_cuda(const at::Tensor& inputs,
+                                                                const at::Tensor& targets,
+                                                                double alpha, double gamma,
+                                                                int64_t reduction) {
+  const char* op = "retina_fast::sigmoid_focal_loss_with_grad";
+  check_dense(inputs, targets, gamma, reduction, op);
+  check_device(inputs, at::kCUDA, op, "inputs");
+  TORCH_CHECK(reduction == kMean || reduction == kSum, op,
+              ": expected reduction 1 (mean) or 2 (sum), got ", reduction);
+  const c10::cuda::CUDAGuard guard(inputs.device());
+  const at::Tensor x = inputs.contiguous();
+  const at::Tensor t = targets.to(inputs.scalar_type()).contiguous();
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "focal_fwd_grad_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    out = launch_forward_grad<scalar_t>(x, DenseTarget<scalar_t, acc_t>{t.const_data_ptr<scalar_t>()},
+                                        reduction, alpha, gamma, x.scalar_type(), at::Tensor(), 0);
+  });
+  return out;
+}
+
 // Row weights in the math dtype (float32, float64 for float64 logits), or undefined.
 at::Tensor row_weights(const c10::optional<at::Tensor>& weights, const at::Tensor& x) {
   if (!weights.has_value()) return at::Tensor();
@@ -514,6 +606,35 @@ at::Tensor labels_backward_cuda(const at::Tensor& grad, const at::Tensor& logits
   return gin;
 }
 
+std::tuple<at::Tensor, at::Tensor> labels_forward_with_grad_cuda(
+    const at::Tensor& logits, const at::Tensor& labels, const c10::optional<at::Tensor>& weights,
+    double alpha, double gamma, int64_t reduction, double label_smoothing) {
+  const char* op = "retina_fast::sigmoid_focal_loss_labels_with_grad";
+  check_labels(logits, labels, gamma, reduction, label_smoothing, op);
+  check_row_weights(weights, logits, op);
+  check_device(logits, at::kCUDA, op, "logits");
+  TORCH_CHECK(reduction == kMean || reduction == kSum, op,
+              ": expected reduction 1 (mean) or 2 (sum), got ", reduction);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor x = logits.contiguous();
+  const at::Tensor lab = labels.contiguous();
+  const at::Tensor w = row_weights(weights, x);
+  const int64_t K = x.size(1);
+  const at::ScalarType red = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (K == 0) {
+    return {reduction == kSum ? at::zeros({}, x.options().dtype(red)) : at::full({}, NAN, x.options().dtype(red)),
+            at::empty_like(x)};
+  }
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "focal_labels_fwd_grad_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    LabelTarget<acc_t> tgt{lab.const_data_ptr<int64_t>(), w.defined() ? w.const_data_ptr<acc_t>() : nullptr,
+                           K, acc_t(1.0 - 0.5 * label_smoothing), acc_t(0.5 * label_smoothing)};
+    out = launch_forward_grad<scalar_t>(x, tgt, reduction, alpha, gamma, red, lab, K);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retina_fast, CUDA, m) {
@@ -522,6 +643,8 @@ TORCH_LIBRARY_IMPL(retina_fast, CUDA, m) {
   m.impl("sigmoid_focal_loss_backward_with_targets", &dense_backward_with_targets_cuda);
   m.impl("sigmoid_focal_loss_labels", &labels_forward_cuda);
   m.impl("sigmoid_focal_loss_labels_backward", &labels_backward_cuda);
+  m.impl("sigmoid_focal_loss_labels_with_grad", &labels_forward_with_grad_cuda);
+  m.impl("sigmoid_focal_loss_with_grad", &dense_forward_with_grad_cuda);
 }
 
 }  // namespace focal

@@ -177,6 +177,36 @@ HOST_DEVICE_INLINE T dloss_t0(T x, Params<T> prm) {
   return finite_logit(x) ? g : T(NAN);
 }
 
+// Loss and gradient of one element from one sigmoid (the forward of a loss whose gradient is
+// needed: the backward then only scales it). Bitwise equal to loss/dloss and loss_t0/dloss_t0:
+// the same operations in the same order, only the shared ones done once.
+template <typename T, typename M, Gamma G>
+HOST_DEVICE_INLINE void loss_and_dloss(T x, T t, T tce, Params<T> prm, T& l, T& d) {
+  const Sig<T> s = sigmoid_parts<T, M>(x);
+  const bool fin = finite_logit(x);
+  const T ce = (s.relu - x * tce) + s.l1p;
+  const T m = s.p * (T(1) - t) + s.q * t;
+  const T mod = modulator<T, M, G>(m, prm.gamma);
+  const T a = alpha_t(prm.alpha, t);
+  l = a * (fin ? ce : ce_nonfinite(x, tce)) * mod;
+  const T p_minus_t = s.p * (T(1) - tce) - s.q * tce;
+  const T dm_dx = s.p * s.q * (T(1) - T(2) * t);
+  const T g = a * (p_minus_t * mod + ce * dmodulator<T, M, G>(m, mod, prm.gamma) * dm_dx);
+  d = fin ? g : T(NAN);
+}
+
+template <typename T, typename M, Gamma G>
+HOST_DEVICE_INLINE void loss_and_dloss_t0(T x, Params<T> prm, T& l, T& d) {
+  const Sig<T> s = sigmoid_parts<T, M>(x);
+  const bool fin = finite_logit(x);
+  const T a = prm.alpha >= T(0) ? T(1) - prm.alpha : T(1);
+  const T ce = s.relu + s.l1p;
+  const T mod = modulator<T, M, G>(s.p, prm.gamma);
+  l = a * (fin ? ce : ce_nonfinite(x, T(0))) * mod;
+  const T g = a * (s.p * mod + ce * dmodulator<T, M, G>(s.p, mod, prm.gamma) * (s.p * s.q));
+  d = fin ? g : T(NAN);
+}
+
 // Runs __VA_ARGS__ (a lambda body) with `G` bound to the call's Gamma kind as a
 // compile-time constant (C++17: no templated lambdas).
 #define RETINA_FAST_DISPATCH_GAMMA(kind, G, ...)                              \

@@ -9,6 +9,7 @@ from retina_fast.ops.boxes import (
     encode_boxes,
     grid_anchors,
     match_anchors,
+    matched_box_loss,
     matched_targets,
 )
 from retina_fast.ops.focal_loss import sigmoid_focal_loss, sigmoid_focal_loss_labels
@@ -26,6 +27,7 @@ __all__ = [
     "match_anchors",
     "matched_targets",
     "MatchedTargets",
+    "matched_box_loss",
     "encode_boxes",
     "decode_boxes",
     "sigmoid_focal_loss",

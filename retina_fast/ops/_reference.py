@@ -83,6 +83,8 @@ __all__ += [
     "box_iou",
     "grid_anchors",
     "match_anchors",
+    "crowd_ignore",
+    "matched_box_loss",
     "matched_targets",
     "encode_boxes",
     "decode_boxes",
@@ -126,21 +128,51 @@ def _match_one(iou: Tensor, high: float, low: float, allow_low_quality_matches: 
 
 
 def match_anchors(anchors: Tensor, gt_boxes: Tensor, gt_counts: Tensor, high: float = 0.5, low: float = 0.4,
-                  allow_low_quality_matches: bool = True, zero_iou_quirk: bool = True) -> Tensor:
-    """Per image: Matcher(high, low, allow_low_quality_matches)(box_iou(gt, anchors)); no gt -> -1."""
+                  allow_low_quality_matches: bool = True, zero_iou_quirk: bool = True, gt_crowd=None,
+                  crowd_ioa_thresh: float = 0.5) -> Tensor:
+    """Per image: Matcher(high, low, allow_low_quality_matches)(box_iou(gt, anchors)); no gt -> -1.
+
+    gt_crowd ([B, M] bool): crowd rows are left out of matching (indices stay those of the
+    padded rows), then background anchors inside a crowd region become -2 (crowd_ignore)."""
     out = []
     for b in range(gt_boxes.shape[0]):
         n = int(gt_counts[b])
-        if n == 0 or anchors.shape[0] == 0:
+        rows = torch.arange(n, device=gt_boxes.device)
+        if gt_crowd is not None:
+            rows = rows[~gt_crowd[b, :n].bool()]
+        if rows.numel() == 0 or anchors.shape[0] == 0:
             out.append(torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device))
             continue
-        iou = box_iou(gt_boxes[b, :n], anchors)
+        iou = box_iou(gt_boxes[b, rows], anchors)
         dt = iou.dtype
-        out.append(_match_one(iou, torch.tensor(high, dtype=dt).item(), torch.tensor(low, dtype=dt).item(),
-                              allow_low_quality_matches, zero_iou_quirk))
+        m = _match_one(iou, torch.tensor(high, dtype=dt).item(), torch.tensor(low, dtype=dt).item(),
+                       allow_low_quality_matches, zero_iou_quirk)
+        out.append(torch.where(m >= 0, rows[m.clamp(min=0)], m))
     if not out:
         return torch.empty((0, anchors.shape[0]), dtype=torch.int64, device=anchors.device)
-    return torch.stack(out)
+    matches = torch.stack(out)
+    if gt_crowd is not None:
+        matches = crowd_ignore(matches, anchors, gt_boxes, gt_counts, gt_crowd, crowd_ioa_thresh)
+    return matches
+
+
+def crowd_ignore(matches: Tensor, anchors: Tensor, gt_boxes: Tensor, gt_counts: Tensor, gt_crowd: Tensor,
+                 thresh: float) -> Tensor:
+    """Background anchors (-1) lying mostly inside a crowd region become -2: intersection over
+    the anchor's area (clamped at 1e-6) >= thresh for some crowd row below gt_counts. This is
+    the loss's former Python implementation (retina_fast/models/loss.py before issue 11), which
+    builds [B, A, M, 2] temporaries: the kernels must give the same labels."""
+    B, M, _ = gt_boxes.shape
+    idx = torch.arange(M, device=anchors.device)[None, :]
+    is_crowd = gt_crowd.bool() & (idx < gt_counts[:, None])  # [B, M]
+    a = anchors.to(gt_boxes.dtype)
+    lt = torch.maximum(a[None, :, None, :2], gt_boxes[:, None, :, :2])  # [B, A, M, 2]
+    rb = torch.minimum(a[None, :, None, 2:], gt_boxes[:, None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)  # [B, A, M]
+    area = (a[:, 2:] - a[:, :2]).prod(-1).clamp(min=1e-6)  # [A]
+    ioa = torch.where(is_crowd[:, None, :], inter / area[None, :, None], torch.zeros_like(inter)).amax(-1)
+    ignore = (matches == -1) & (ioa >= thresh)
+    return torch.where(ignore, torch.full_like(matches, -2), matches)
 
 
 def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights=(1.0, 1.0, 1.0, 1.0)) -> Tensor:
@@ -203,6 +235,34 @@ def matched_targets(anchors: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_cou
         labels[b, fg] = gt_labels[b, idx]
         targets[b, fg] = encode_boxes(gt_boxes[b, idx].to(dtype), anchors[fg].to(dtype), weights)
     return labels, targets, matches
+
+
+def matched_box_loss(bbox_regression: Tensor, anchors: Tensor, matches: Tensor, gt_boxes: Tensor,
+                     image_weights: Tensor, loss: str = "l1", weights=(1.0, 1.0, 1.0, 1.0),
+                     clip: float = math.log(1000.0 / 16), beta: float = 1.0, eps: float = 1e-7) -> Tensor:
+    """torchvision's per-image box loss (RetinaNetRegressionHead.compute_loss's _box_loss on the
+    foreground anchors), weighted per image and summed."""
+    from torchvision.ops import generalized_box_iou_loss
+
+    acc = torch.float64 if bbox_regression.dtype == torch.float64 else torch.float32
+    total = torch.zeros((), dtype=acc, device=bbox_regression.device)
+    for b in range(bbox_regression.shape[0]):
+        fg = torch.where(matches[b] >= 0)[0]
+        if fg.numel() == 0:
+            continue
+        gt = gt_boxes[b][matches[b, fg]]
+        codes = bbox_regression[b, fg].to(acc)
+        if loss == "giou":
+            pred = decode_boxes(codes, anchors[fg].to(acc), weights, clip)
+            per = generalized_box_iou_loss(pred, gt.to(acc), reduction="sum", eps=eps)
+        else:
+            target = encode_boxes(gt, anchors[fg], weights).to(acc)
+            if loss == "smooth_l1" and beta > 0:
+                per = torch.nn.functional.smooth_l1_loss(codes, target, reduction="sum", beta=beta)
+            else:
+                per = torch.nn.functional.l1_loss(codes, target, reduction="sum")
+        total = total + image_weights[b].to(acc) * per
+    return total
 
 
 def cell_anchors(sizes, aspect_ratios, dtype=torch.float32, device="cpu") -> Tensor:

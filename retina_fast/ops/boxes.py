@@ -7,7 +7,7 @@ coder may differ from torch's vectorised versions by an ulp.
 """
 
 import math
-from typing import List, NamedTuple, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ __all__ = [
     "match_anchors",
     "matched_targets",
     "MatchedTargets",
+    "matched_box_loss",
     "encode_boxes",
     "decode_boxes",
 ]
@@ -207,6 +208,8 @@ def match_anchors(
     allow_low_quality_matches: bool = True,
     zero_iou_quirk: bool = True,
     check_counts: bool = True,
+    gt_crowd: Optional[Tensor] = None,
+    crowd_ioa_thresh: float = 0.5,
 ) -> Tensor:
     """torchvision's ``Matcher(high, low, allow_low_quality_matches)(box_iou(gt, anchors))``
     for a whole padded batch in one call, never building the ``[M, A]`` IoU matrix.
@@ -226,16 +229,26 @@ def match_anchors(
             where all IoUs are 0). ``False`` turns that off: such a gt restores nothing.
         check_counts: on CUDA, validate ``gt_counts`` first (one device sync). The CPU kernel
             always validates.
+        gt_crowd (Tensor[B, M] bool, optional): crowd regions (COCO ``iscrowd``). Crowd rows
+            are never matched: matching and the low-quality restore see the other rows only,
+            in their order (indices stay those of the padded rows). Then every anchor labelled
+            ``-1`` whose intersection with a crowd box, over the anchor's own area (clamped at
+            1e-6), is ``>= crowd_ioa_thresh`` becomes ``-2`` (ignored). Inside the kernel:
+            memory O(A + M) per image, no ``[B, A, M]`` temporaries. Computed in the IoU dtype
+            (float32 for 16-bit boxes). A threshold ``<= 0`` ignores every background anchor
+            of every image (a share of 0 reaches it).
 
     Returns:
         Tensor[B, A] int64: matched gt index in ``[0, gt_counts[b])``, ``-1`` below ``low``,
-        ``-2`` in ``[low, high)``. Ties for the best gt go to the lowest gt index; a NaN IoU
-        (zero union) wins as torch.max lets it. An image with no gts is all ``-1``.
+        ``-2`` in ``[low, high)`` (or inside a crowd region). Ties for the best gt go to the
+        lowest gt index; a NaN IoU (zero union) wins as torch.max lets it. An image with no
+        gts (to match) is all ``-1``, crowd regions aside.
     """
     if check_counts:
         _check_counts(gt_counts, gt_boxes.shape[1] if gt_boxes.dim() == 3 else 0)
     return _ops.match_anchors(
-        anchors, gt_boxes, gt_counts, float(high), float(low), bool(allow_low_quality_matches), bool(zero_iou_quirk)
+        anchors, gt_boxes, gt_counts, float(high), float(low), bool(allow_low_quality_matches), bool(zero_iou_quirk),
+        gt_crowd, float(crowd_ioa_thresh)
     )
 
 
@@ -299,6 +312,53 @@ def matched_targets(
     # match_anchors never returns an out-of-range match: skip the check (a device sync on CUDA)
     labels, targets = _ops.gather_targets(matches, anchors, gt_boxes, gt_labels, [float(w) for w in weights], False)
     return MatchedTargets(labels, targets, matches)
+
+
+_BOX_LOSS_CODES = {"l1": 0, "smooth_l1": 1, "giou": 2}
+
+
+def matched_box_loss(
+    bbox_regression: Tensor,
+    anchors: Tensor,
+    matches: Tensor,
+    gt_boxes: Tensor,
+    image_weights: Tensor,
+    loss: str = "l1",
+    weights: Tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
+    clip: float = DEFAULT_CLIP,
+    beta: float = 1.0,
+    eps: float = 1e-7,
+) -> Tensor:
+    """RetinaNet's box loss over a padded batch: matched targets gathered and the loss computed
+    in one pass over the foreground anchors, forward and backward.
+
+    Args:
+        bbox_regression (Tensor[B, A, 4]): predicted codes ``(dx, dy, dw, dh)``, any float
+            dtype (math in float32, float64 for float64).
+        anchors (Tensor[A, 4]): anchors shared by every image (not differentiated).
+        matches (Tensor[B, A] int64): :func:`match_anchors`' output; anchors with a match
+            ``>= 0`` are the foreground, the others contribute nothing (whatever their codes).
+        gt_boxes (Tensor[B, M, 4]): the padded gts the matches index.
+        image_weights (Tensor[B]): each image's loss is multiplied by its weight, e.g.
+            ``1 / (B * max(1, foreground anchors))`` (torchvision's normalisation).
+        loss: ``"l1"`` (torchvision's v1: L1 between the codes and
+            ``BoxCoder(weights).encode_single(gt, anchor)``, encoded in the boxes' dtype),
+            ``"smooth_l1"`` (``beta``; 0 is L1), or ``"giou"`` (v2:
+            ``generalized_box_iou_loss(decode_single(codes, anchor), gt, eps)``, decoded in
+            the codes' math dtype with ``clip``).
+
+    Returns:
+        0-d float32 (float64 for float64 codes): ``sum_b image_weights[b] * sum_{a: matches[b,
+        a] >= 0} loss(b, a)``. Differentiable with respect to ``bbox_regression`` (one pass
+        writing the [B, A, 4] gradient, 0 off the foreground). No ``[B, A, 4]`` target or
+        gathered-gt tensor is built. On the CPU, matches outside ``[-2, M)`` are an error; on
+        CUDA (no sync) they count as background.
+    """
+    if loss not in _BOX_LOSS_CODES:
+        raise ValueError(f"matched_box_loss: expected loss 'l1', 'smooth_l1' or 'giou', got {loss!r}")
+    return _ops.matched_box_loss(bbox_regression, anchors, matches, gt_boxes, image_weights,
+                                 _BOX_LOSS_CODES[loss], [float(w) for w in weights], float(clip), float(beta),
+                                 float(eps))
 
 
 def encode_boxes(
@@ -393,9 +453,13 @@ def _grid_anchors_fake(cell_anchors, cells_per_level, grid_sizes, strides):
 
 
 @torch.library.register_fake("retina_fast::match_anchors")
-def _match_fake(anchors, gt_boxes, gt_counts, high, low, allow_low_quality_matches, zero_iou_quirk):
+def _match_fake(anchors, gt_boxes, gt_counts, high, low, allow_low_quality_matches, zero_iou_quirk, gt_crowd=None,
+                crowd_ioa_thresh=0.5):
     torch._check(anchors.dim() == 2 and gt_boxes.dim() == 3, lambda: "anchors [A, 4], gt_boxes [B, M, 4]")
     _same_device("match_anchors", anchors=anchors, gt_boxes=gt_boxes, gt_counts=gt_counts)
+    if gt_crowd is not None:
+        torch._check(gt_crowd.shape == gt_boxes.shape[:2], lambda: "gt_crowd must be [B, M]")
+        _same_device("match_anchors", anchors=anchors, gt_crowd=gt_crowd)
     return anchors.new_empty((gt_boxes.shape[0], anchors.shape[0]), dtype=torch.int64)
 
 
@@ -405,6 +469,22 @@ def _gather_fake(matches, anchors, gt_boxes, gt_labels, weights, check_matches=T
     dtype = torch.promote_types(anchors.dtype, gt_boxes.dtype)
     B, A = matches.shape
     return matches.new_empty((B, A)), anchors.new_empty((B, A, 4), dtype=dtype)
+
+
+@torch.library.register_fake("retina_fast::matched_box_loss")
+def _box_loss_fake(bbox_regression, anchors, matches, gt_boxes, image_weights, loss_type, weights, clip, beta, eps):
+    torch._check(bbox_regression.dim() == 3 and bbox_regression.shape[-1] == 4, lambda: "bbox_regression must be [B, A, 4]")
+    torch._check(matches.shape == bbox_regression.shape[:2], lambda: "matches must be [B, A]")
+    _same_device("matched_box_loss", bbox_regression=bbox_regression, anchors=anchors, matches=matches,
+                 gt_boxes=gt_boxes, image_weights=image_weights)
+    dtype = torch.float64 if bbox_regression.dtype == torch.float64 else torch.float32
+    return bbox_regression.new_empty((), dtype=dtype)
+
+
+@torch.library.register_fake("retina_fast::matched_box_loss_backward")
+def _box_loss_bwd_fake(grad, bbox_regression, anchors, matches, gt_boxes, image_weights, loss_type, weights, clip,
+                       beta, eps):
+    return bbox_regression.new_empty(bbox_regression.shape)
 
 
 @torch.library.register_fake("retina_fast::encode_boxes")
@@ -447,3 +527,26 @@ def _decode_backward(ctx, grad):
 
 
 torch.library.register_autograd("retina_fast::decode_boxes", _decode_backward, setup_context=_decode_setup)
+
+
+def _box_loss_setup(ctx, inputs, output):
+    reg, anchors, matches, gt_boxes, image_weights, loss_type, weights, clip, beta, eps = inputs
+    ctx.save_for_backward(reg, anchors, matches, gt_boxes, image_weights)
+    ctx.args = (loss_type, weights, clip, beta, eps)
+
+
+def _box_loss_backward(ctx, grad):
+    reg, anchors, matches, gt_boxes, image_weights = ctx.saved_tensors
+    for i, name in ((1, "anchors"), (3, "gt_boxes"), (4, "image_weights")):
+        if ctx.needs_input_grad[i]:
+            raise NotImplementedError(
+                f"retina_fast.ops.matched_box_loss: the gradient with respect to {name} is not implemented; "
+                f"detach {name}"
+            )
+    g = None
+    if ctx.needs_input_grad[0]:
+        g = _ops.matched_box_loss_backward(grad, reg, anchors, matches, gt_boxes, image_weights, *ctx.args)
+    return g, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("retina_fast::matched_box_loss", _box_loss_backward, setup_context=_box_loss_setup)

@@ -1,7 +1,12 @@
-"""Fused sigmoid focal loss (Lin et al. 2017), forward and backward each one pass.
+"""Fused sigmoid focal loss (Lin et al. 2017): one pass over the logits for forward and backward.
 
-The forward saves nothing but references to its inputs; the backward re-reads the logits and
-the targets (or labels) and writes the gradient. No one-hot tensor is built for the labels form.
+A reduced loss (``'sum'``/``'mean'``) of float32/float64 logits whose gradient is needed is
+computed with its gradient in the forward pass (``*_with_grad`` ops: one sigmoid per element
+serves both); the backward then only scales the saved gradient by the upstream one (returns it
+as is when that is 1). Otherwise (no gradient needed, ``reduction='none'``, or half/bfloat16
+logits, whose gradient is better rounded once from float32 with the upstream scale, e.g. a
+GradScaler's) the forward saves references to its inputs and the backward re-reads them. No
+one-hot tensor is built for the labels form.
 """
 
 from typing import Optional, Union
@@ -63,16 +68,32 @@ def sigmoid_focal_loss(
         (soft targets, e.g. distillation): both gradients come from one backward kernel pass.
 
     Rounding: the cross-entropy is computed as ``max(x, 0) - x t + log1p(exp(-|x|))`` with
-    ``p`` and ``1 - p`` both formed from ``exp(-|x|)``, which is closer to the float64 value
-    than torch's ``binary_cross_entropy_with_logits`` (max error ~1.6e-7 vs ~2.6e-5 relative
-    in float32 on random logits). So with ``gamma = 0`` ours can exceed torchvision's BCE by
-    an ulp where torchvision's rounds low: "focal <= BCE" holds to rounding, not bit for bit.
+    ``p`` and ``1 - p`` both formed from ``exp(-|x|)``, within a few float32 ulps of the
+    float64 value (max ~1.7e-7 relative). torch's ``binary_cross_entropy_with_logits``
+    computes ``(1 - t) x - log_sigmoid(x)``, which cancels for ``t = 0, x < 0`` (relative
+    errors up to 1: the loss of ``x = -30`` rounds to 0). The loss is built as
+    ``(alpha_t * ce) * (1 - p_t)^gamma`` with both factors ``<= 1``, so ``focal <= ours at
+    gamma = 0, alpha = -1`` holds bit for bit for every alpha and gamma. ``focal <= torch's
+    BCE`` (torchvision's test) cannot hold bit for bit for any loss more accurate than torch's
+    BCE: wherever torch rounds low, the accurate value lies above it. Only copying torch's
+    rounding (Sleef's exp/log1p inside its vectorised log_sigmoid, glibc's in scalar tails or
+    on CPUs without AVX, libdevice on CUDA, per torch version) would make it hold, at the
+    price of its error. It holds to rounding: ours exceeds torch's BCE only where ours is
+    within 4 ulps of the exact value (tests/ops/test_focal_loss.py).
     """
     _check_alpha(alpha)
     if inputs.dtype != targets.dtype and inputs.is_floating_point() and targets.is_floating_point():
         common = torch.promote_types(inputs.dtype, targets.dtype)
         inputs, targets = inputs.to(common), targets.to(common)
-    return _ops.sigmoid_focal_loss(inputs, targets, float(alpha), float(gamma), _reduction_code(reduction))
+    code = _reduction_code(reduction)
+    if code != 0 and _fuse_backward(inputs) and not targets.requires_grad:
+        return _ops.sigmoid_focal_loss_with_grad(inputs, targets, float(alpha), float(gamma), code)[0]
+    return _ops.sigmoid_focal_loss(inputs, targets, float(alpha), float(gamma), code)
+
+
+def _fuse_backward(x: Tensor) -> bool:
+    # The gradient is computed in the forward when it will be needed (see the module docstring).
+    return x.requires_grad and torch.is_grad_enabled() and (x.dtype == torch.float32 or x.dtype == torch.float64)
 
 
 def _check_label_range(logits: Tensor, labels: Tensor) -> None:
@@ -134,8 +155,12 @@ def sigmoid_focal_loss_labels(
     _check_alpha(alpha)
     if check_labels:
         _check_label_range(logits, labels)
-    loss = _ops.sigmoid_focal_loss_labels(logits, labels, weights, float(alpha), float(gamma), code,
-                                          float(label_smoothing))
+    if code != 0 and _fuse_backward(logits) and (weights is None or not weights.requires_grad):
+        loss = _ops.sigmoid_focal_loss_labels_with_grad(logits, labels, weights, float(alpha), float(gamma), code,
+                                                        float(label_smoothing))[0]
+    else:
+        loss = _ops.sigmoid_focal_loss_labels(logits, labels, weights, float(alpha), float(gamma), code,
+                                              float(label_smoothing))
     if normalizer is not None:
         if isinstance(normalizer, Tensor):  # refines the Union for TorchScript
             loss = loss / normalizer
@@ -199,6 +224,18 @@ def _labels_bwd_fake(grad, logits, labels, weights, alpha, gamma, reduction, lab
     return logits.new_empty(logits.shape)
 
 
+@torch.library.register_fake("retina_fast::sigmoid_focal_loss_labels_with_grad")
+def _labels_with_grad_fake(logits, labels, weights, alpha, gamma, reduction, label_smoothing):
+    torch._check(reduction == 1 or reduction == 2, lambda: "reduction must be 1 (mean) or 2 (sum)")
+    return _labels_fake(logits, labels, weights, alpha, gamma, reduction, label_smoothing), logits.new_empty(logits.shape)
+
+
+@torch.library.register_fake("retina_fast::sigmoid_focal_loss_with_grad")
+def _dense_with_grad_fake(inputs, targets, alpha, gamma, reduction):
+    torch._check(reduction == 1 or reduction == 2, lambda: "reduction must be 1 (mean) or 2 (sum)")
+    return _dense_fake(inputs, targets, alpha, gamma, reduction), inputs.new_empty(inputs.shape)
+
+
 # ---------------------------------------------------------------- autograd
 
 
@@ -240,7 +277,56 @@ def _labels_backward(ctx, grad):
     return gx, None, None, None, None, None, None
 
 
+def _with_grad_setup(ctx, inputs, output):
+    # Saved with save_for_backward, so autograd releases it once the backward has run and can
+    # hand the returned tensor on without a copy.
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    # the gradient output gets no gradient: no [N, K] zeros for it in the backward
+    ctx.set_materialize_grads(False)
+
+
+def _scaled(saved: Tensor, grad: Tensor) -> Tensor:
+    # An upstream gradient of exactly 1 (loss.backward() on this loss, or on a sum of losses)
+    # returns the saved gradient itself: no pass over it. Only checked on a plain CPU tensor,
+    # where reading the value costs no device sync (not while tracing: data-dependent).
+    if (type(grad) is Tensor and grad.device.type == "cpu" and not torch.compiler.is_compiling()
+            and grad.item() == 1.0):
+        return saved
+    return saved * grad.to(saved.dtype)
+
+
+def _dense_with_grad_backward(ctx, grad, _grad_of_grad):
+    (saved,) = ctx.saved_tensors
+    if grad is None:
+        return None, None, None, None, None
+    if ctx.needs_input_grad[1]:
+        raise NotImplementedError(
+            "retina_fast.ops.sigmoid_focal_loss: targets that need a gradient take the two-pass path; "
+            "call the op sigmoid_focal_loss, not sigmoid_focal_loss_with_grad"
+        )
+    return _scaled(saved, grad), None, None, None, None
+
+
+def _labels_with_grad_backward(ctx, grad, _grad_of_grad):
+    (saved,) = ctx.saved_tensors
+    if grad is None:
+        return None, None, None, None, None, None, None
+    if ctx.needs_input_grad[2]:
+        raise NotImplementedError(
+            "retina_fast.ops.sigmoid_focal_loss_labels: the gradient with respect to weights is "
+            "not implemented; detach the weights"
+        )
+    return _scaled(saved, grad), None, None, None, None, None, None
+
+
 torch.library.register_autograd("retina_fast::sigmoid_focal_loss", _dense_backward, setup_context=_dense_setup)
+torch.library.register_autograd(
+    "retina_fast::sigmoid_focal_loss_with_grad", _dense_with_grad_backward, setup_context=_with_grad_setup
+)
+torch.library.register_autograd(
+    "retina_fast::sigmoid_focal_loss_labels_with_grad", _labels_with_grad_backward, setup_context=_with_grad_setup
+)
 torch.library.register_autograd(
     "retina_fast::sigmoid_focal_loss_labels", _labels_backward, setup_context=_labels_setup
 )
@@ -250,3 +336,4 @@ torch.library.register_autograd(
 # (float32 math, float32 reductions): upcasting [N, K] logits would cost a full copy.
 for _device in ("cpu", "cuda"):
     torch.library.register_autocast("retina_fast::sigmoid_focal_loss", _device, torch.float32)
+    torch.library.register_autocast("retina_fast::sigmoid_focal_loss_with_grad", _device, torch.float32)

@@ -41,8 +41,9 @@ def test_crowd_boxes_become_ignored_anchors(monkeypatch):
     m.train()
     m([torch.rand(3, 64, 64)], [target])
     matched, anchors, packed = seen["matched"][0], seen["anchors"], seen["packed"]
-    assert packed.counts.tolist() == [1]  # crowd box never matched: only box 0 is a match target
-    assert packed.boxes[0, 0].tolist() == boxes[0].tolist()
+    # both boxes padded in order, the crowd one flagged: matching never matches it
+    assert packed.counts.tolist() == [2] and packed.crowd.tolist() == [[False, True]]
+    assert packed.boxes[0, :2].tolist() == boxes.tolist()
     assert matched.max() == 0 and (matched == 0).any()
     inside = ((anchors[:, 0] >= 30) & (anchors[:, 1] >= 30) & (anchors[:, 2] <= 62) & (anchors[:, 3] <= 62))
     assert inside.any() and (matched[inside] == -2).all()

@@ -1,5 +1,6 @@
 """The batched RetinaNet loss against torchvision's per-image loss, on random head outputs
-(no backbone: fast), and its edge cases: empty targets, crowd boxes, degenerate boxes."""
+(no backbone: fast), and its edge cases: empty targets, crowd boxes (against the former Python
+implementation), degenerate boxes."""
 
 from types import SimpleNamespace
 
@@ -9,9 +10,11 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.retinanet import RetinaNet as TVRetinaNet
 from torchvision.models.detection.retinanet import RetinaNetHead as TVHead
 
+import retina_fast.ops as ops
 from retina_fast.models import RetinaNetLoss, pack_targets, retinanet_anchor_generator
 from retina_fast.models.loss import check_degenerate_boxes
-from tests.conftest import devices
+from retina_fast.ops import _reference as ref
+from tests.conftest import cuda_param, devices
 
 K = 7
 H, W = 128, 160
@@ -74,10 +77,12 @@ def test_crowd_boxes_are_never_matched_and_ignore_the_background_inside():
     crowd_t = [{"boxes": boxes, "labels": labels, "iscrowd": torch.tensor([0, 1, 0])},
                {"boxes": boxes[:0], "labels": labels[:0], "iscrowd": torch.zeros(0, dtype=torch.int64)}]
     packed = pack_targets(crowd_t, torch.device("cpu"))
-    assert packed.counts.tolist() == [2, 0] and packed.crowd_counts.tolist() == [1, 0]
-    # non-crowd boxes keep their order in front, the crowd box follows
-    assert packed.boxes[0, :3].tolist() == [boxes[0].tolist(), boxes[2].tolist(), boxes[1].tolist()]
+    assert packed.counts.tolist() == [3, 0]
+    # boxes keep their order (no reordering copy); the crowd box is flagged
+    assert packed.boxes[0, :3].tolist() == boxes.tolist()
+    assert packed.crowd.tolist() == [[False, True, False], [False, False, False]]
     mt = RetinaNetLoss().match(anchors, packed)
+    assert not (mt.matches == 1).any()  # the crowd row is never matched
     clean = pack_targets([{"boxes": boxes[[0, 2]], "labels": labels[[0, 2]]}, crowd_t[1]], torch.device("cpu"))
     ref = RetinaNetLoss().match(anchors, clean)
     # matches into the non-crowd boxes are unchanged, the crowd box is matched by nobody
@@ -101,6 +106,58 @@ def test_crowd_boxes_are_never_matched_and_ignore_the_background_inside():
     torch.testing.assert_close(l_crowd["bbox_regression"], l_clean["bbox_regression"])
 
 
+def _former_crowd_labels(targets, anchors, thresh=0.5):
+    """The loss's crowd handling before issue 11, kept as the reference: crowd boxes moved
+    behind the others (a sort and gathers in pack_targets), matched without them, then
+    _crowd_ignore's [B, A, M, 2] / [B, A, M] tensors (retina_fast.ops._reference.crowd_ignore
+    is that function). Returns (labels, matched gt boxes [B, A, 4] on the foreground)."""
+    B = len(targets)
+    n = [int(t["boxes"].shape[0]) for t in targets]
+    M = max([1] + n)
+    boxes = torch.zeros(B, M, 4)
+    labels = torch.zeros(B, M, dtype=torch.int64)
+    counts = torch.zeros(B, dtype=torch.int64)
+    for b, t in enumerate(targets):
+        c = t.get("iscrowd", torch.zeros(n[b], dtype=torch.int64)) != 0
+        order = torch.cat([torch.where(~c)[0], torch.where(c)[0]])
+        boxes[b, :n[b]] = t["boxes"][order]
+        labels[b, :n[b]] = t["labels"][order]
+        counts[b] = int((~c).sum())
+    all_counts = torch.tensor(n)
+    lab, _, matches = ops.matched_targets(anchors, boxes, labels, counts)
+    idx = torch.arange(M)[None, :]
+    crowd_rows = (idx >= counts[:, None]) & (idx < all_counts[:, None])
+    matches = ref.crowd_ignore(matches, anchors, boxes, all_counts, crowd_rows, thresh)
+    lab = torch.where(matches == -2, torch.full_like(lab, -2), lab)
+    gt = boxes.gather(1, matches.clamp(min=0)[..., None].expand(B, anchors.shape[0], 4))
+    return lab, gt
+
+
+@pytest.mark.parametrize("device", ["cpu", cuda_param()])
+@pytest.mark.parametrize("thresh", [0.5, 0.25])
+def test_crowd_labels_equal_the_former_python_version(device, thresh):
+    g = torch.Generator().manual_seed(7)
+    anchors = _anchors("cpu")
+    targets = []
+    for k, n in enumerate([6, 5, 3, 0, 4]):
+        t = {"boxes": _boxes(g, n, scale=1.0 + k % 2), "labels": torch.randint(0, K, (n,), generator=g)}
+        if k != 4:  # one image without iscrowd: the batch has crowd boxes all the same
+            t["iscrowd"] = (torch.rand(n, generator=g) < 0.4).to(torch.int64)
+        targets.append(t)
+    targets[2]["iscrowd"][:] = 1  # crowd boxes only
+    targets[0]["iscrowd"][0] = 1  # the first box a crowd one
+    exp_labels, exp_gt = _former_crowd_labels(targets, anchors, thresh)
+    dev = torch.device(device)
+    packed = pack_targets([{k: v.to(dev) for k, v in t.items()} for t in targets], dev)
+    mt = RetinaNetLoss(crowd_ioa_thresh=thresh).match(anchors.to(dev), packed)
+    assert torch.equal(mt.labels.cpu(), exp_labels)
+    fg = exp_labels >= 0
+    gt = packed.boxes.cpu().gather(1, mt.matches.cpu().clamp(min=0)[..., None].expand(*mt.matches.shape, 4))
+    assert torch.equal(gt[fg], exp_gt[fg])
+    assert (exp_labels == -2).sum() > (RetinaNetLoss().match(anchors, pack_targets(
+        [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets], torch.device("cpu"))).labels == -2).sum()
+
+
 def test_all_zero_iscrowd_is_the_plain_path():
     g = torch.Generator().manual_seed(3)
     t = _targets(g, [3, 2], "cpu")
@@ -108,7 +165,7 @@ def test_all_zero_iscrowd_is_the_plain_path():
     for x in t:
         x["iscrowd"] = torch.zeros(len(x["labels"]), dtype=torch.int64)
     flagged = pack_targets(t, torch.device("cpu"))
-    assert flagged.crowd_counts is None
+    assert flagged.crowd is None
     assert torch.equal(plain.boxes, flagged.boxes) and torch.equal(plain.counts, flagged.counts)
 
 

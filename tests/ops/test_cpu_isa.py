@@ -43,6 +43,17 @@ out["iou"] = ops.box_iou(gts[0], boxes)
 out["match"] = ops.match_anchors(boxes, gts, counts)
 mt = ops.matched_targets(boxes, gts, torch.randint(0, 9, (3, 80), generator=g), counts)
 out["targets"] = (mt.labels, mt.regression_targets)
+crowd = torch.rand(3, 80, generator=g) < 0.3
+out["crowd_match"] = ops.match_anchors(boxes, gts, counts, gt_crowd=crowd)
+codes = (torch.randn(3, 4000, 4, generator=g) * 0.3).requires_grad_()
+wimg = torch.rand(3, generator=g)
+for loss in ("l1", "smooth_l1", "giou"):
+    v = ops.matched_box_loss(codes, boxes, out["match"], gts, wimg, loss)
+    out[f"box_loss_{loss}"] = (v.detach(), torch.autograd.grad(v, codes)[0])
+xx = x.clone().requires_grad_()  # the fused forward (gradient from the same sigmoid)
+for red in ("sum", "mean"):
+    v = ops.sigmoid_focal_loss(xx, t, reduction=red)
+    out[f"dense_fused_{red}"] = (v.detach(), torch.autograd.grad(v, xx)[0])
 scores = torch.rand(4000, generator=g)
 idx = torch.randint(0, 20, (4000,), generator=g)
 img = torch.randint(0, 3, (4000,), generator=g)
