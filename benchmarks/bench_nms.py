@@ -23,11 +23,12 @@ Inputs (fixed seeds, the same tensors for every implementation in a run):
   peak resident set size (VmHWM) of a fresh subprocess over the call, after building the inputs
   and a small warm-up call (CUDA: max_memory_allocated over the inputs).
 
-The density sweep, ours and torchvision interleaved round by round in one process (ratios from
+The density sweep ("trained" adds the trained-like input above), ours and torchvision
+interleaved round by round in one process (ratios from
 neighbouring rounds, so a machine shared with other work skews both alike), with peak memory:
 
-    python -m benchmarks.bench_nms sweep [--batches 1,8] [--densities 0,0.001,...] [--rounds 5]
-                                         [--threads 2] [--device cpu] [--no-memory] [--json F]
+    python -m benchmarks.bench_nms sweep [--batches 1,8] [--densities trained,0,0.001,...]
+        [--rounds 5] [--threads 2] [--clock wall|cpu] [--device cpu] [--no-memory] [--json F]
 
 CUDA cases (when a GPU is present) synchronise inside the timed call.
 """
@@ -188,7 +189,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def density_head(B, density, seed=0):
-    """Head outputs with `density` of the scores above 0.05 (see the module docstring)."""
+    """Head outputs with `density` of the scores above 0.05 (see the module docstring);
+    density "trained": trained_like_head's."""
+    if density == "trained":
+        return trained_like_head(B, seed)
     anchors, levels = _anchors_800()
     A = anchors.shape[0]
     g = torch.Generator().manual_seed(seed)
@@ -223,7 +227,7 @@ def postprocess_fn(impl, logits, reg, anchors, levels, model=None):
 
 
 def _reference_too_slow(B, density, device):
-    return device == "cuda" or B > 1 or density > 0.05
+    return device == "cuda" or B > 1 or density == "trained" or density > 0.05
 
 
 _PP_PEAK_SCRIPT = r"""
@@ -232,7 +236,7 @@ sys.path.insert(0, {root!r})
 torch.set_num_threads({threads})
 import benchmarks.bench_nms as bn
 device = {device!r}
-logits, reg, anchors, levels = bn.density_head({B}, {density})
+logits, reg, anchors, levels = bn.density_head({B}, {density!r})
 logits, reg, anchors = logits.to(device), reg.to(device), anchors.to(device)
 small = bn.postprocess_fn({impl!r}, logits[:1, :441].contiguous(), reg[:1, :441].contiguous(), anchors[:441], [441])
 with torch.no_grad():
@@ -290,13 +294,15 @@ def test_postprocess_density(benchmark, tv_model, B, density, impl, device):
         _run(benchmark, fn, device, rounds=rounds if impl != "retina_fast" else 10)
 
 
-def sweep(batches, densities, rounds, device, memory, reference):
-    """Ours and torchvision interleaved round by round; prints a Markdown table."""
+def sweep(batches, densities, rounds, device, memory, reference, clock="wall"):
+    """Ours and torchvision interleaved round by round; prints a Markdown table. clock "cpu"
+    times with the process's CPU time (meaningful on one thread: on a shared machine it leaves
+    out the time spent waiting for a core, which inflates short calls most)."""
     from torchvision.models.detection import retinanet_resnet50_fpn
 
     model = retinanet_resnet50_fpn(weights=None, weights_backbone=None).eval()
     print(f"postprocess_detections density sweep: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{device}, {rounds} interleaved rounds, 800 px (A = 120,087), K = 91\n")
+          f"{device}, {rounds} interleaved rounds, {clock} clock, 800 px (A = 120,087), K = 91\n")
     print("| B | scores > 0.05 | ours (ms) | torchvision (ms) | speed-up (median of paired rounds) "
           "| ours peak extra (MB) | torchvision peak extra (MB) | reference (ms) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -311,11 +317,12 @@ def sweep(batches, densities, rounds, device, memory, reference):
             times = {impl: [] for impl in fns}
 
             def timed(f):
+                now = time.process_time if clock == "cpu" else time.perf_counter
                 _sync(device)
-                t0 = time.perf_counter()
+                t0 = now()
                 f()
                 _sync(device)
-                return time.perf_counter() - t0
+                return now() - t0
 
             with torch.no_grad():
                 for f in fns.values():
@@ -333,8 +340,9 @@ def sweep(batches, densities, rounds, device, memory, reference):
             print(f"| {B} | {100 * measured:.2f} % | {1e3 * ours:.1f} | {1e3 * tv:.1f} | {paired:.1f}x "
                   f"| {fmt_mem(mem['retina_fast'])} | {fmt_mem(mem['torchvision'])} "
                   f"| {'-' if ref_ms is None else f'{ref_ms:.0f}'} |", flush=True)
-            rows.append({"B": B, "density": measured, "ours_s": times["retina_fast"], "torchvision_s": times["torchvision"],
-                         "speedup_paired_median": paired, "peak_bytes": mem, "reference_ms": ref_ms})
+            rows.append({"B": B, "density": measured, "ours_s": times["retina_fast"],
+                         "torchvision_s": times["torchvision"], "speedup_paired_median": paired,
+                         "peak_bytes": mem, "reference_ms": ref_ms})
             del logits, reg, fns
     return rows
 
@@ -343,17 +351,21 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="post-processing density sweep (see the module docstring)")
     ap.add_argument("what", choices=["sweep"])
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--densities", default=",".join(f"{d:g}" for d in DENSITIES))
+    ap.add_argument("--densities", default=",".join(f"{d:g}" for d in DENSITIES),
+                    help='comma-separated shares of scores above 0.05, or "trained" (trained_like_head)')
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: process CPU time (use with --threads 1 on a shared machine)")
     ap.add_argument("--json", help="also write the raw timings here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = sweep([int(b) for b in args.batches.split(",")], [float(d) for d in args.densities.split(",")],
-                 args.rounds, args.device, not args.no_memory, not args.no_reference)
+    rows = sweep([int(b) for b in args.batches.split(",")],
+                 [d if d == "trained" else float(d) for d in args.densities.split(",")],
+                 args.rounds, args.device, not args.no_memory, not args.no_reference, args.clock)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "device": args.device, "rows": rows}, f, indent=1)
+            json.dump({"threads": args.threads, "device": args.device, "clock": args.clock, "rows": rows}, f, indent=1)

@@ -1143,8 +1143,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> postprocess_impl(
     groups.push_back(g);
   }
   // Images per select batch, so the histograms stay within kSelHistBudget counters.
-  const int64_t nb_max = max_search == 0 ? B
-                                         : std::max<int64_t>(1, std::min<int64_t>(B, kSelHistBudget / (max_search * kSelBins)));
+  const int64_t nb_max =
+      max_search == 0 ? B : std::max<int64_t>(1, std::min<int64_t>(B, kSelHistBudget / (max_search * kSelBins)));
   const std::vector<SelPass> passes = sel_passes(is_double ? 62 : 30);
   Tensor state = at::empty({B * L * static_cast<int64_t>(sizeof(SelState))}, byte_opts(logits));
   SelState* stp = reinterpret_cast<SelState*>(state.data_ptr());

@@ -104,7 +104,8 @@ template <typename scalar_t>
 class LevelTopK {
  public:
   LevelTopK(int64_t k, scalar_t thresh, const at::Tensor& like)
-      : k_(k), thresh_(thresh), cap_(std::min<int64_t>(std::max<int64_t>(2 * std::min<int64_t>(k, 4096), 512), 8192)) {
+      : k_(k), thresh_(thresh),
+        cap_(std::min<int64_t>(std::max<int64_t>(2 * std::min<int64_t>(k, 4096), 512), 8192)) {
     pend_.resize(cap_ + kBlock);
     const int64_t padded = (cap_ + kBlock + 63) / 64 * 64;
     in_ = at::empty({padded}, like.options());
