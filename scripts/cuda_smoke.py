@@ -108,6 +108,22 @@ def nms_ops():
         ops.postprocess_detections(logits, reg, anchors.to(dtype), [(128, 128)] * 3, nl)
         ops.postprocess_detections(logits, reg, anchors.to(dtype).expand(3, -1, -1), [(128, 128)] * 3, nl,
                                    score_thresh=-1.0, topk_candidates=2100)  # groups > 2048: block scan
+        # the top-k select: every digit pass at ~50 % density; long runs of equal scores (1.0)
+        # that only the index digits separate; nothing / everything passing; no top-k
+        dense = (torch.randn(3, A, 91, device=dev) * 2.5 - 2.9).to(dtype)
+        dense[1, :1000] = 30.0
+        for kw in (dict(topk_candidates=300), dict(topk_candidates=1), dict(score_thresh=1.0),
+                   dict(score_thresh=-1.0, topk_candidates=50), dict(topk_candidates=0)):
+            ops.postprocess_detections(dense, reg, anchors.to(dtype), [(128, 128)] * 3, nl, **kw)
+    # more than 32 levels (two launch groups) and more than 8,192 images with a searched level
+    # (two batches of histograms)
+    nl = [20 + l for l in range(40)]
+    anchors = _boxes(sum(nl), 128.0)
+    ops.postprocess_detections(torch.randn(2, sum(nl), 3, device=dev), torch.zeros(2, sum(nl), 4, device=dev),
+                               anchors, [(128, 128)] * 2, nl, topk_candidates=10)
+    ops.postprocess_detections_padded(torch.randn(8200, 3, 2, device=dev), torch.zeros(8200, 3, 4, device=dev),
+                                      _boxes(3, 128.0), torch.full((8200, 2), 128, device=dev), [3],
+                                      topk_candidates=2)
 
 
 CHECKS = [focal_loss, box_ops, nms_ops]

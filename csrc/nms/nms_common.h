@@ -91,6 +91,48 @@ HOST_DEVICE_INLINE T clamp_like_torch(T x, T lo, T hi) {
   return x != x ? x : y;
 }
 
+// ------------------------------------------------------------------------------ logit cuts
+// The post-processing selects on logits and computes exact scores (torch's sigmoid) only for
+// logits that may still make the top-k. A score bound s becomes a logit cut c with
+//     x < c  =>  S(x) < s  (S: the score as torch computes it, before any dtype rounding),
+// so after rounding to a dtype in which s is representable, S(x) <= s: x cannot beat a score
+// s already held by k lower-indexed candidates, nor pass score_thresh = s.
+//
+// Error model: torch computes 1 / (1 + exp(-x)) in float (float32, float16, bfloat16: opmath
+// float, then one rounding to the dtype) or in double, with an exp within a few ulp; the result
+// is within a relative few ulp (~5e-7 in float, ~1e-15 in double) of the exact sigmoid while it
+// is a normal number. The cut allows a relative kSigmoidRelErr (200x / 10^5x that) and gives up
+// (-inf) below kSigmoidTiny, where subnormals (or flush-to-zero) end the relative bound.
+template <typename scalar_t>
+struct SigmoidBound {
+  static constexpr double rel = 1e-4;
+  static constexpr double tiny = 1e-30;
+};
+template <>
+struct SigmoidBound<double> {
+  static constexpr double rel = 1e-10;
+  static constexpr double tiny = 1e-290;
+};
+
+// The cut for score bound s with relative error `rel`: +inf when no score exceeds s (s >= 1),
+// -inf when nothing can be excluded. Computed in double, then lowered by a margin far above
+// the rounding error of log / log1p, so it never exceeds the exact logit(s / (1 + rel)).
+HOST_DEVICE_INLINE double sigmoid_score_cut(double s, double rel, double tiny) {
+  if (s >= 1.0) return std::numeric_limits<double>::infinity();
+  if (!(s > tiny)) return -std::numeric_limits<double>::infinity();
+  const double p = s / (1.0 + rel);
+  const double z = ::log(p) - ::log1p(-p);
+  return z - 1e-9 * (1.0 + ::fabs(z));
+}
+
+// The largest float <= c (c finite or infinite, never NaN): a float logit compared with it
+// decides as the double comparison with c would, conservatively.
+HOST_DEVICE_INLINE float float_at_most(double c) {
+  float f = static_cast<float>(c);
+  if (static_cast<double>(f) > c) f = ::nextafterf(f, -std::numeric_limits<float>::infinity());
+  return f;
+}
+
 // ------------------------------------------------------------------------------ checks
 
 inline void check_nms_args(const at::Tensor& boxes, const at::Tensor& scores, double thr,

@@ -11,13 +11,12 @@
 // with classes or images, one that sizes the mask (it also checks image ids, as the CPU does);
 // one for the output size (nms, batched_nms, batched_nms_multi with max_per_image < 0).
 //
-// Post-processing: per level a fused kernel writes, for every (image, logit), a 64-bit key
-// (float bits of torch's sigmoid << 32 | ~index) when sigmoid > score_thresh and 0 otherwise;
-// torch.topk over the keys picks the best min(topk, n) per image, ties by lower index, with no
-// host sync (float64: the score's 64 bits, ranked by a stable segmented sort). Then one kernel
-// decodes and clips the candidates into a padded [B, C] layout, and the NMS above runs with
-// one group per image (its label segments cut the mask's columns), whose sizes the host knows.
-// Outputs are padded [B, D]: no host sync at all.
+// Post-processing: a radix select per (image, level) finds the top-k keys (score bits, index)
+// computed on the fly from the logits, a few passes over them with a rising logit cut, so no
+// memory is sized by the scores above score_thresh (see "1. per-(image, level) top-k select"
+// below); the candidates are sorted per level, decoded and clipped into a padded [B, C] layout,
+// and the NMS above runs with one group per image (its label segments cut the mask's columns),
+// whose sizes the host knows. Outputs are padded [B, D]: no host sync at all.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -641,73 +640,326 @@ __device__ __forceinline__ scalar_t torch_sigmoid(scalar_t x) {
   return static_cast<scalar_t>(one / (one + ::exp(-static_cast<opmath_t>(x))));
 }
 
-// float32/float16/bfloat16 logits: one 64-bit key per (image, logit of the level), torch.topk
-// over them picks the best. key = (float bits of the score << 32) | (2^32 - 1 - index) when
-// score > thresh, else 0. The score is exact in float and >= 0 (sigmoid; thresh may be
-// negative, then -inf logits pass with score +0), so the bits order like the values and the
-// lower index wins ties; NaN never passes. index < 2^32 - 1 (checked), so a valid key is > 0.
+// ---- 1. per-(image, level) top-k select with a cut, never sized by the survivors
+//
+// Every logit of a level gets a key, computed on the fly and never stored: (hi, lo) with
+// hi = bits(score) + 1 (score = torch's sigmoid in the dtype, widened to float, or double's own
+// bits for float64) when score > score_thresh, else 0 (invalid), and lo = 2^32 - 1 - index.
+// Scores are >= +0, so the bits order like the values; valid keys are unique and order as
+// (score descending, lower index first). The top-k of a level are the k largest valid keys:
+// a radix select finds the k-th largest, T, one digit (11 bits) per pass, and then every valid
+// key >= T is a candidate (exactly min(k, valid) of them). Each pass is a histogram kernel
+// (a block per chunk of a level, a shared histogram of the keys that match the digits found so
+// far) and a resolve kernel (a block per (image, level): the digit holding the k-th key).
+// A segment is done as soon as the digit's bin holds exactly the keys still needed (at a low
+// score density right after the first pass: everything valid), and later passes skip it.
+// A logit cut (sigmoid_score_cut, nms_common.h) that rises with the digits found lets every
+// pass skip the sigmoid of logits that cannot match. Memory: the keys of the candidates,
+// 2048 counters per (image, level) searched and a small state per (image, level); the host
+// knows every size, so there is no host sync. The candidates are then sorted per level by key
+// (cub segmented radix sort): the same order as before, (score desc, index asc).
+
+constexpr int kSelThreads = 256;
+constexpr int kSelDigitBits = 11;
+constexpr int kSelBins = 1 << kSelDigitBits;
+constexpr int64_t kSelChunk = 32768;  // logits per block task
+constexpr int kSelMaxLevels = 32;     // levels per launch (more: several groups)
+// Histogram counters allocated at most (images are processed in batches beyond it): 64 MB.
+constexpr int64_t kSelHistBudget = int64_t(1) << 24;
+
+// Levels [l0, l0 + n) of every image, by value in each launch.
+struct SelGroup {
+  int n = 0;
+  int l0 = 0;
+  int64_t L = 0;                     // levels in all (the state is [B, L])
+  int64_t nsearch = 0;               // levels of the group with a histogram (nl > k > 0)
+  int64_t nl[kSelMaxLevels];         // logits per image in the level
+  int64_t aoff[kSelMaxLevels];       // first anchor of the level
+  int64_t xoff[kSelMaxLevels];       // its first logit in an image row: aoff * K
+  int64_t k[kSelMaxLevels];          // min(topk, nl)
+  int64_t srank[kSelMaxLevels];      // histogram slot of the level, -1 if none
+  int64_t koff[kSelMaxLevels + 1];   // candidate slots of the level in an image: [koff, koff + k)
+  int64_t blk[kSelMaxLevels + 1];    // cumulative block tasks per image (chunks of kSelChunk)
+};
+
+struct SelState {
+  uint64_t hi;   // the digits found so far (undetermined bits 0); once done, the threshold T
+  uint32_t lo;
+  int32_t mode;  // 0: searching, 1: done, candidates = valid keys >= (hi, lo), 2: no candidate
+  int64_t need;  // keys still to take among those matching the digits found
+  double xcut;   // no logit below it has a key matching the digits (or a valid key)
+};
+
+// Per dtype: the relative spacing of the dtype's values (2^-mantissa bits) and, for float16,
+// its subnormal step: the largest dtype value below s is >= s * (1 - rel) - abs.
+template <typename scalar_t> struct DtypeSpacing { static constexpr double rel = 0x1p-23, abs = 0.0; };
+template <> struct DtypeSpacing<double> { static constexpr double rel = 0x1p-52, abs = 0.0; };
+template <> struct DtypeSpacing<at::Half> { static constexpr double rel = 0x1p-10, abs = 0x1p-24; };
+template <> struct DtypeSpacing<at::BFloat16> { static constexpr double rel = 0x1p-7, abs = 0.0; };
+
 template <typename scalar_t>
-__global__ void level_keys_kernel(const scalar_t* __restrict__ logits, int64_t B, int64_t row_stride,
-                                  int64_t level_start, int64_t nl, scalar_t thresh,
-                                  int64_t* __restrict__ keys) {
-  const int64_t total = B * nl;
+__device__ __forceinline__ bool sel_key(scalar_t x, scalar_t thresh, int64_t i, uint64_t& hi, uint32_t& lo) {
+  const scalar_t s = torch_sigmoid(x);
+  if (!(s > thresh)) return false;  // NaN too
+  if constexpr (std::is_same<scalar_t, double>::value) {
+    hi = double_bits(s) + 1ull;  // s in [+0, 1]: < 2^62
+  } else {
+    hi = static_cast<uint64_t>(float_bits(static_cast<float>(s))) + 1ull;  // < 2^30
+  }
+  lo = 0xFFFFFFFFu - static_cast<uint32_t>(i);
+  return true;
+}
+
+// The logit cut in the type logits are compared in: float for the float types (float_at_most
+// keeps it conservative), double for float64.
+template <typename scalar_t>
+using cut_t = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+
+template <typename scalar_t>
+__device__ __forceinline__ cut_t<scalar_t> make_cut(double c) {
+  if constexpr (std::is_same<scalar_t, double>::value) {
+    return c;
+  } else {
+    return float_at_most(c);
+  }
+}
+
+// A cut below which no logit has a key with high word >= hi: its score would be below
+// s_lo = the score of hi - 1, so at most the largest dtype value below s_lo.
+template <typename scalar_t>
+__device__ double prefix_cut(uint64_t hi) {
+  if (hi <= 1) return -std::numeric_limits<double>::infinity();
+  double s_lo;
+  if constexpr (std::is_same<scalar_t, double>::value) {
+    s_lo = __longlong_as_double(static_cast<long long>(hi - 1));
+  } else {
+    s_lo = static_cast<double>(__uint_as_float(static_cast<uint32_t>(hi - 1)));
+  }
+  const double v = s_lo * (1.0 - DtypeSpacing<scalar_t>::rel) - DtypeSpacing<scalar_t>::abs;
+  return sigmoid_score_cut(v, SigmoidBound<scalar_t>::rel, SigmoidBound<scalar_t>::tiny);
+}
+
+// Block task v of images [b0, b0 + nb): image b, level lg of the group, chunk [begin, end).
+__device__ __forceinline__ void sel_task(const SelGroup& g, int64_t b0, int64_t v, int64_t& b, int& lg,
+                                         int64_t& begin, int64_t& end) {
+  const int64_t per = g.blk[g.n];
+  const int64_t bl = v / per, r = v - bl * per;
+  int l = 0;
+  while (r >= g.blk[l + 1]) ++l;  // r < blk[n]; levels without tasks are passed over
+  b = b0 + bl;
+  lg = l;
+  begin = (r - g.blk[l]) * kSelChunk;
+  end = min(g.nl[l], begin + kSelChunk);
+}
+
+__global__ void sel_init_kernel(SelGroup g, int64_t B, bool none, SelState* __restrict__ st, double thresh_cut) {
+  const int64_t total = B * g.n;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
        e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = e / nl, i = e - b * nl;
-    const scalar_t s = torch_sigmoid(logits[b * row_stride + level_start + i]);
-    int64_t key = 0;
-    if (s > thresh) {
-      const uint64_t hi = float_bits(static_cast<float>(s));
-      key = static_cast<int64_t>((hi << 32) | (0xFFFFFFFFull - static_cast<uint64_t>(i)));
+    const int64_t b = e / g.n;
+    const int lg = static_cast<int>(e - b * g.n);
+    SelState s;
+    s.hi = 0;
+    s.lo = 0;
+    s.need = g.k[lg];
+    // k == nl: every valid logit is a candidate, no search.
+    s.mode = (none || g.k[lg] == 0) ? 2 : (g.srank[lg] < 0 ? 1 : 0);
+    s.xcut = thresh_cut;
+    st[b * g.L + g.l0 + lg] = s;
+  }
+}
+
+// hist: [nb, g.nsearch, kSelBins]. word 0: the digit is hi's bits [shift, shift + width), else
+// lo's; (mhi, mlo): the bits found in earlier passes, which a key must match.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kSelThreads) sel_hist_kernel(
+    const scalar_t* __restrict__ logits, int64_t row, SelGroup g, int64_t b0, int64_t nb, scalar_t thresh,
+    const SelState* __restrict__ st, uint32_t* __restrict__ hist, int word, int shift, int width,
+    uint64_t mhi, uint32_t mlo) {
+  __shared__ uint32_t h[kSelBins];
+  const uint32_t dmask = (1u << width) - 1u;
+  const int64_t total = nb * g.blk[g.n];
+  for (int64_t v = blockIdx.x; v < total; v += gridDim.x) {
+    int64_t b, begin, end;
+    int lg;
+    sel_task(g, b0, v, b, lg, begin, end);
+    const SelState s = st[b * g.L + g.l0 + lg];
+    if (s.mode != 0) continue;  // the same for the whole block
+    for (int i = threadIdx.x; i < kSelBins; i += blockDim.x) h[i] = 0;
+    __syncthreads();
+    const scalar_t* x = logits + b * row + g.xoff[lg];
+    const cut_t<scalar_t> cut = make_cut<scalar_t>(s.xcut);
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      const scalar_t xi = x[i];
+      if (!(static_cast<cut_t<scalar_t>>(xi) >= cut)) continue;  // NaN too
+      uint64_t hi;
+      uint32_t lo;
+      if (!sel_key(xi, thresh, i, hi, lo)) continue;
+      if (((hi ^ s.hi) & mhi) != 0 || ((lo ^ s.lo) & mlo) != 0) continue;
+      const uint32_t d = (word == 0 ? static_cast<uint32_t>(hi >> shift) : (lo >> shift)) & dmask;
+      atomicAdd(&h[d], 1u);
     }
-    keys[e] = key;
+    __syncthreads();
+    uint32_t* gh = hist + ((b - b0) * g.nsearch + g.srank[lg]) * kSelBins;
+    for (int i = threadIdx.x; i < kSelBins; i += blockDim.x) {
+      if (h[i] != 0) atomicAdd(&gh[i], h[i]);
+    }
+    __syncthreads();  // h is cleared for the next task
   }
 }
 
-// float64 logits: a float32 key would rank every score above ~1 - 2^-24 (logits above ~17) as
-// 1.0f, then by index. Here the key is the score's own 64 bits + 1 (0: below the threshold),
-// and a stable segmented sort, descending, of (key, index) per image ranks them exactly, the
-// lower index first among equal scores.
-__global__ void level_keys64_kernel(const double* __restrict__ logits, int64_t B, int64_t row_stride,
-                                    int64_t level_start, int64_t nl, double thresh,
-                                    uint64_t* __restrict__ keys, int32_t* __restrict__ idx) {
-  const int64_t total = B * nl;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = e / nl, i = e - b * nl;
-    const double s = torch_sigmoid(logits[b * row_stride + level_start + i]);
-    keys[e] = s > thresh ? double_bits(s) + 1ull : 0ull;  // s in [0, 1]: no overflow
-    idx[e] = static_cast<int32_t>(i);
-  }
-}
-
-// The j-th best (key, index) of image b in a level, j < k: key 0 marks an empty slot. The
-// flat index (anchor * K + class) is idx[...] when given, else packed in the key (see
-// level_keys_kernel). Decodes and clips the candidate into slot b * C + cand_off + j.
+// One block per (image, level) still searching: the digit of the k-th largest key among those
+// matching the digits found, from the histogram (which it clears for the next pass).
 template <typename scalar_t>
-__global__ void candidates_kernel(const int64_t* __restrict__ top_keys, const int32_t* __restrict__ top_idx,
-                                  int64_t key_stride, int64_t B, int64_t k, int64_t C, int64_t cand_off,
-                                  const scalar_t* __restrict__ logits, const scalar_t* __restrict__ reg,
-                                  const scalar_t* __restrict__ anchors, bool shared_anchors,
-                                  const int64_t* __restrict__ sizes, int64_t A, int64_t K, int64_t level_anchor_off,
-                                  scalar_t clip, uint8_t* __restrict__ valid, int64_t* __restrict__ labels,
-                                  scalar_t* __restrict__ scores, scalar_t* __restrict__ boxes) {
-  const int64_t total = B * k;
+__global__ void __launch_bounds__(kSelThreads) sel_resolve_kernel(
+    SelGroup g, int64_t b0, int64_t nb, SelState* __restrict__ st, uint32_t* __restrict__ hist, bool first,
+    int word, int shift) {
+  using BlockScan = cub::BlockScan<int64_t, kSelThreads>;
+  __shared__ typename BlockScan::TempStorage tmp;
+  constexpr int kPer = kSelBins / kSelThreads;
+  static_assert(kPer * kSelThreads == kSelBins, "bins per thread");
+  const int64_t total = nb * g.n;
+  for (int64_t v = blockIdx.x; v < total; v += gridDim.x) {
+    const int64_t bl = v / g.n;
+    const int lg = static_cast<int>(v - bl * g.n);
+    const int64_t q = (b0 + bl) * g.L + g.l0 + lg;
+    const SelState s = st[q];
+    if (s.mode != 0) continue;  // the same for the whole block
+    uint32_t* h = hist + (bl * g.nsearch + g.srank[lg]) * kSelBins;
+    // Thread t holds bins kSelBins - 1 - (kPer t + j), j < kPer: digits in descending order.
+    uint32_t c[kPer];
+    int64_t local = 0;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int bin = kSelBins - 1 - (kPer * static_cast<int>(threadIdx.x) + j);
+      c[j] = h[bin];
+      h[bin] = 0;
+      local += c[j];
+    }
+    int64_t above = 0, sum = 0;
+    BlockScan(tmp).ExclusiveSum(local, above, sum);
+    if (first && sum <= s.need) {
+      // At most k valid logits: all of them (hi = lo = 0 and mode 1 take every valid key).
+      if (threadIdx.x == 0) {
+        SelState o = s;
+        o.mode = 1;
+        st[q] = o;
+      }
+    } else if (above < s.need && s.need <= above + local) {  // exactly one thread
+      int64_t cum = above;
+      int j = 0;
+      for (; j < kPer - 1; ++j) {
+        if (cum + c[j] >= s.need) break;
+        cum += c[j];
+      }
+      const uint32_t d = static_cast<uint32_t>(kSelBins - 1 - (kPer * static_cast<int>(threadIdx.x) + j));
+      SelState o = s;
+      o.need = s.need - cum;  // the keys above this digit are all taken
+      if (word == 0) {
+        o.hi |= static_cast<uint64_t>(d) << shift;
+      } else {
+        o.lo |= d << shift;
+      }
+      // The bin holds exactly the keys still needed: T = the digits found, lower bits 0. (On
+      // the last pass the keys are whole and unique, so this always holds there.)
+      if (static_cast<int64_t>(c[j]) == o.need) o.mode = 1;
+      o.xcut = fmax(s.xcut, prefix_cut<scalar_t>(o.hi));
+      st[q] = o;
+    }
+    __syncthreads();  // tmp is reused by the next segment
+  }
+}
+
+// The candidates: every valid key >= T of a done segment, in slots [koff, koff + k) of its image
+// in any order (a counter per segment), key 0 in unused slots (written before). Float types
+// store hi << 32 | lo in keys (hi < 2^30), float64 stores hi and lo apart.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kSelThreads) sel_write_kernel(
+    const scalar_t* __restrict__ logits, int64_t row, SelGroup g, int64_t b0, int64_t nb, scalar_t thresh,
+    const SelState* __restrict__ st, uint32_t* __restrict__ counter, int64_t C, uint64_t* __restrict__ keys,
+    uint32_t* __restrict__ keys_lo) {
+  const int64_t total = nb * g.blk[g.n];
+  for (int64_t v = blockIdx.x; v < total; v += gridDim.x) {
+    int64_t b, begin, end;
+    int lg;
+    sel_task(g, b0, v, b, lg, begin, end);
+    const int64_t q = b * g.L + g.l0 + lg;
+    const SelState s = st[q];
+    if (s.mode != 1) continue;
+    const scalar_t* x = logits + b * row + g.xoff[lg];
+    const cut_t<scalar_t> cut = make_cut<scalar_t>(s.xcut);
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      const scalar_t xi = x[i];
+      if (!(static_cast<cut_t<scalar_t>>(xi) >= cut)) continue;  // NaN too
+      uint64_t hi;
+      uint32_t lo;
+      if (!sel_key(xi, thresh, i, hi, lo)) continue;
+      if (hi < s.hi || (hi == s.hi && lo < s.lo)) continue;
+      const uint32_t slot = atomicAdd(&counter[q], 1u);
+      if (slot >= static_cast<uint64_t>(g.k[lg])) continue;  // never: exactly min(k, valid) keys are >= T
+      const int64_t o = b * C + g.koff[lg] + slot;
+      if constexpr (std::is_same<scalar_t, double>::value) {
+        keys[o] = hi;
+        keys_lo[o] = lo;
+      } else {
+        keys[o] = (hi << 32) | lo;
+      }
+    }
+  }
+}
+
+// Segment bounds of the per-level sort of the candidates, for (image b, level l) at b * L + l.
+__global__ void sel_offsets_kernel(SelGroup g, int64_t B, int64_t L, int64_t C, int* __restrict__ begin,
+                                   int* __restrict__ end) {
+  const int64_t total = B * g.n;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
        e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = e / k, j = e - b * k;
-    const int64_t q = b * C + cand_off + j;
-    const uint64_t key = static_cast<uint64_t>(top_keys[b * key_stride + j]);
-    if (key == 0) {
+    const int64_t b = e / g.n;
+    const int lg = static_cast<int>(e - b * g.n);
+    begin[b * L + g.l0 + lg] = static_cast<int>(b * C + g.koff[lg]);
+    end[b * L + g.l0 + lg] = static_cast<int>(b * C + g.koff[lg] + g.k[lg]);
+  }
+}
+
+// The j-th best candidate of (image, level) from the sorted keys: decoded and clipped into
+// slot b * C + koff + j, its score from the key's bits (exactly torch's sigmoid in the dtype).
+template <typename scalar_t>
+__global__ void sel_candidates_kernel(const uint64_t* __restrict__ keys, const uint32_t* __restrict__ keys_lo,
+                                      SelGroup g, int64_t B, int64_t C, const scalar_t* __restrict__ reg,
+                                      const scalar_t* __restrict__ anchors, bool shared_anchors,
+                                      const int64_t* __restrict__ sizes, int64_t A, int64_t K, scalar_t clip,
+                                      uint8_t* __restrict__ valid, int64_t* __restrict__ labels,
+                                      scalar_t* __restrict__ scores, scalar_t* __restrict__ boxes) {
+  const int64_t c0 = g.koff[0], Cg = g.koff[g.n] - g.koff[0];
+  const int64_t total = B * Cg;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = e / Cg, c = c0 + (e - b * Cg);
+    int lg = 0;
+    while (c >= g.koff[lg + 1]) ++lg;  // koff[n] > c; empty levels are passed over
+    const int64_t q = b * C + c;
+    uint64_t hi;
+    uint32_t lo;
+    if constexpr (std::is_same<scalar_t, double>::value) {
+      hi = keys[q];
+      lo = keys_lo[q];
+    } else {
+      hi = keys[q] >> 32;
+      lo = static_cast<uint32_t>(keys[q]);
+    }
+    if (hi == 0) {
       valid[q] = 0;
       continue;
     }
-    const int64_t idx = top_idx ? int64_t(top_idx[b * key_stride + j])
-                                : static_cast<int64_t>(0xFFFFFFFFull - (key & 0xFFFFFFFFull));
-    const int64_t a = level_anchor_off + idx / K;
+    const int64_t idx = static_cast<int64_t>(0xFFFFFFFFu - lo);
+    const int64_t a = g.aoff[lg] + idx / K;
     valid[q] = 1;
     labels[q] = idx % K;
-    scores[q] = torch_sigmoid(logits[(b * A + a) * K + idx % K]);
+    if constexpr (std::is_same<scalar_t, double>::value) {
+      scores[q] = __longlong_as_double(static_cast<long long>(hi - 1));
+    } else {
+      scores[q] = static_cast<scalar_t>(__uint_as_float(static_cast<uint32_t>(hi - 1)));
+    }
     const scalar_t one(1), zero(0);
     scalar_t o[4];
     decode_box<scalar_t>(reg + (b * A + a) * 4, anchors + (shared_anchors ? 0 : b * A * 4) + a * 4, one, one,
@@ -720,6 +972,52 @@ __global__ void candidates_kernel(const int64_t* __restrict__ top_keys, const in
     out[3] = clamp_like_torch(o[3], zero, H);
   }
 }
+
+// Segmented radix sort of keys in [begin[s], end[s]) for each segment (descending, stable);
+// items outside every segment are not written.
+template <typename K, typename V>
+void sort_segments_desc(const K* kin, K* kout, const V* vin, V* vout, int64_t items, int64_t segments,
+                        const int* begin, const int* end, int end_bit, cudaStream_t stream, const Tensor& like) {
+  if (items == 0 || segments == 0) return;
+  const int n = static_cast<int>(items), segs = static_cast<int>(segments);
+  auto run = [&](void* tmp, size_t& bytes) {
+    if (vin == nullptr) {
+      C10_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortKeysDescending(tmp, bytes, kin, kout, n, segs, begin, end,
+                                                                       0, end_bit, stream));
+    } else {
+      C10_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(tmp, bytes, kin, kout, vin, vout, n, segs,
+                                                                        begin, end, 0, end_bit, stream));
+    }
+  };
+  size_t bytes = 0;
+  run(nullptr, bytes);
+  Tensor tmp = at::empty({static_cast<int64_t>(bytes)}, byte_opts(like));
+  run(tmp.data_ptr(), bytes);
+}
+
+// The passes of the radix select: (word, shift, width), most significant digit first.
+struct SelPass {
+  int word, shift, width;
+  uint64_t mhi;
+  uint32_t mlo;
+};
+
+inline std::vector<SelPass> sel_passes(int hi_bits) {
+  std::vector<SelPass> p;
+  for (int top = hi_bits; top > 0;) {
+    const int w = std::min(kSelDigitBits, top);
+    top -= w;
+    p.push_back({0, top, w, top + w >= 64 ? 0ull : (~0ull << (top + w)), 0u});
+  }
+  for (int top = 32; top > 0;) {
+    const int w = std::min(kSelDigitBits, top);
+    top -= w;
+    p.push_back({1, top, w, ~0ull, top + w >= 32 ? 0u : (~0u << (top + w))});
+  }
+  return p;
+}
+
+// ---- 2.-4. per image: score order, NMS, the first D
 
 template <typename scalar_t, typename key_t>
 __global__ void cand_score_keys_kernel(const scalar_t* __restrict__ scores, const uint8_t* __restrict__ valid,
@@ -815,51 +1113,117 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> postprocess_impl(
   const scalar_t thresh = static_cast<scalar_t>(score_thresh);
   const scalar_t clip = static_cast<scalar_t>(std::log(1000.0 / 16.0));
   const int threads = cuda::kThreads;
+  constexpr bool is_double = std::is_same<scalar_t, double>::value;
 
-  // 1. per level: keys, top-k (no host sync), candidates
+  // 1. per (image, level): the top-k select (see above), then the candidates
+  const int64_t L = static_cast<int64_t>(levels.size());
+  const double thresh_cut = sigmoid_score_cut(static_cast<double>(thresh), SigmoidBound<scalar_t>::rel,
+                                              SigmoidBound<scalar_t>::tiny);
+  const bool none = thresh_cut == std::numeric_limits<double>::infinity();  // score_thresh >= 1
+  std::vector<SelGroup> groups;
+  int64_t max_search = 0;
+  for (int64_t l0 = 0; l0 < L; l0 += kSelMaxLevels) {
+    SelGroup g;
+    g.n = static_cast<int>(std::min<int64_t>(kSelMaxLevels, L - l0));
+    g.l0 = static_cast<int>(l0);
+    g.L = L;
+    g.blk[0] = 0;
+    for (int lg = 0; lg < g.n; ++lg) {
+      const int64_t l = l0 + lg, nl = levels[l] * K;
+      g.nl[lg] = nl;
+      g.aoff[lg] = aoff[l];
+      g.xoff[lg] = aoff[l] * K;
+      g.k[lg] = ks[l];
+      g.srank[lg] = (ks[l] > 0 && nl > ks[l]) ? g.nsearch++ : -1;
+      g.koff[lg] = koff[l];
+      g.blk[lg + 1] = g.blk[lg] + (ks[l] > 0 && !none ? div_up(nl, kSelChunk) : 0);
+    }
+    g.koff[g.n] = koff[l0 + g.n];
+    max_search = std::max(max_search, g.nsearch);
+    groups.push_back(g);
+  }
+  // Images per select batch, so the histograms stay within kSelHistBudget counters.
+  const int64_t nb_max =
+      max_search == 0 ? B : std::max<int64_t>(1, std::min<int64_t>(B, kSelHistBudget / (max_search * kSelBins)));
+  const std::vector<SelPass> passes = sel_passes(is_double ? 62 : 30);
+  Tensor state = at::empty({B * L * static_cast<int64_t>(sizeof(SelState))}, byte_opts(logits));
+  SelState* stp = reinterpret_cast<SelState*>(state.data_ptr());
+  Tensor counter = at::zeros({B * L}, lopt.dtype(at::kInt));
+  Tensor hist = at::zeros({std::max<int64_t>(1, nb_max * max_search * kSelBins)}, lopt.dtype(at::kInt));
+  Tensor keys = at::zeros({B * C}, lopt), keys_s = at::empty({B * C}, lopt);  // 0: an empty slot
+  Tensor keys_lo, keys_lo_s;
+  if (is_double) {
+    keys_lo = at::zeros({B * C}, lopt.dtype(at::kInt));
+    keys_lo_s = at::empty({B * C}, lopt.dtype(at::kInt));
+  }
+  uint64_t* kp = reinterpret_cast<uint64_t*>(keys.data_ptr());
+  uint64_t* ksp = reinterpret_cast<uint64_t*>(keys_s.data_ptr());
+  uint32_t* klp = is_double ? reinterpret_cast<uint32_t*>(keys_lo.data_ptr()) : nullptr;
+  uint32_t* klsp = is_double ? reinterpret_cast<uint32_t*>(keys_lo_s.data_ptr()) : nullptr;
+  uint32_t* cnt = reinterpret_cast<uint32_t*>(counter.data_ptr());
+  uint32_t* hp = reinterpret_cast<uint32_t*>(hist.data_ptr());
+  Tensor seg = at::empty({2 * B * L}, lopt.dtype(at::kInt));
+  int* seg_begin = seg.mutable_data_ptr<int>();
+  int* seg_end_off = seg_begin + B * L;
+  const int64_t max_grid = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
+  const scalar_t* xp = logits.const_data_ptr<scalar_t>();
+  for (const SelGroup& g : groups) {
+    sel_init_kernel<<<cuda::grid_for(B * g.n), threads, 0, stream>>>(g, B, none, stp, thresh_cut);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sel_offsets_kernel<<<cuda::grid_for(B * g.n), threads, 0, stream>>>(g, B, L, C, seg_begin, seg_end_off);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (g.blk[g.n] == 0) continue;
+    for (int64_t b0 = 0; b0 < B; b0 += nb_max) {
+      const int64_t nb = std::min(nb_max, B - b0);
+      const int64_t grid = std::min(nb * g.blk[g.n], max_grid);
+      if (g.nsearch > 0) {
+        const int64_t rgrid = std::min<int64_t>(nb * g.n, max_grid);
+        for (size_t p = 0; p < passes.size(); ++p) {
+          const SelPass& ps = passes[p];
+          sel_hist_kernel<scalar_t><<<grid, kSelThreads, 0, stream>>>(xp, A * K, g, b0, nb, thresh, stp, hp, ps.word,
+                                                                     ps.shift, ps.width, ps.mhi, ps.mlo);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          sel_resolve_kernel<scalar_t><<<rgrid, kSelThreads, 0, stream>>>(g, b0, nb, stp, hp, p == 0, ps.word,
+                                                                         ps.shift);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      }
+      sel_write_kernel<scalar_t><<<grid, kSelThreads, 0, stream>>>(xp, A * K, g, b0, nb, thresh, stp, cnt, C, kp,
+                                                                  klp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  // Each level's candidates in key order: (score desc, index asc), empty slots (key 0) last.
+  const uint64_t* sorted_hi = ksp;
+  const uint32_t* sorted_lo = nullptr;
+  if constexpr (is_double) {
+    // Stable: by lo (index asc), then by hi (score desc); the result is back in keys / keys_lo.
+    sort_segments_desc<uint32_t, uint64_t>(klp, klsp, kp, ksp, B * C, B * L, seg_begin, seg_end_off, 32, stream,
+                                           logits);
+    sort_segments_desc<uint64_t, uint32_t>(ksp, kp, klsp, klp, B * C, B * L, seg_begin, seg_end_off, 62, stream,
+                                           logits);
+    sorted_hi = kp;
+    sorted_lo = klp;
+  } else {
+    sort_segments_desc<uint64_t, uint32_t>(kp, ksp, nullptr, nullptr, B * C, B * L, seg_begin, seg_end_off, 62,
+                                           stream, logits);
+  }
   Tensor valid = at::empty({B * C}, byte_opts(logits));
   Tensor clabels = at::empty({B * C}, lopt);
   Tensor cscores = at::empty({B * C}, logits.options());
   Tensor cboxes = at::empty({B * C, 4}, reg.options());
-  Tensor keys, keys_sorted, idx, idx_sorted;
-  for (size_t l = 0; l < levels.size(); ++l) {
-    const int64_t nl = levels[l] * K;
-    if (ks[l] == 0) continue;
-    if (!keys.defined() || keys.numel() < B * nl) keys = at::empty({B * nl}, lopt);
-    Tensor kl = keys.narrow(0, 0, B * nl).view({B, nl});
-    Tensor top;  // [B, stride] keys, best first in the first ks[l] columns
-    const int32_t* top_idx = nullptr;
-    if constexpr (std::is_same<scalar_t, double>::value) {
-      if (!idx.defined() || idx.numel() < B * nl) {
-        idx = at::empty({B * nl}, lopt.dtype(at::kInt));
-        idx_sorted = at::empty({B * nl}, lopt.dtype(at::kInt));
-        keys_sorted = at::empty({B * nl}, lopt);
-      }
-      uint64_t* kp = reinterpret_cast<uint64_t*>(kl.data_ptr());
-      level_keys64_kernel<<<cuda::grid_for(B * nl), threads, 0, stream>>>(
-          logits.const_data_ptr<double>(), B, A * K, aoff[l] * K, nl, score_thresh, kp,
-          idx.mutable_data_ptr<int32_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      segmented_sort_pairs(static_cast<const uint64_t*>(kp), reinterpret_cast<uint64_t*>(keys_sorted.data_ptr()),
-                           idx.const_data_ptr<int32_t>(), idx_sorted.mutable_data_ptr<int32_t>(), B, nl, stream,
-                           logits, 64, /*descending=*/true);
-      top = keys_sorted.narrow(0, 0, B * nl).view({B, nl});
-      top_idx = idx_sorted.const_data_ptr<int32_t>();
-    } else {
-      level_keys_kernel<scalar_t><<<cuda::grid_for(B * nl), threads, 0, stream>>>(
-          logits.const_data_ptr<scalar_t>(), B, A * K, aoff[l] * K, nl, thresh, kl.mutable_data_ptr<int64_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      top = std::get<0>(at::topk(kl, ks[l], 1, true, true)).contiguous();
-    }
-    candidates_kernel<scalar_t><<<cuda::grid_for(B * ks[l]), threads, 0, stream>>>(
-        top.const_data_ptr<int64_t>(), top_idx, top.size(1), B, ks[l], C, koff[l],
-        logits.const_data_ptr<scalar_t>(), reg.const_data_ptr<scalar_t>(), anchors.const_data_ptr<scalar_t>(),
-        anchors.dim() == 2, sizes.const_data_ptr<int64_t>(), A, K, aoff[l], clip, valid.mutable_data_ptr<uint8_t>(),
+  for (const SelGroup& g : groups) {
+    const int64_t cg = g.koff[g.n] - g.koff[0];
+    if (cg == 0) continue;
+    sel_candidates_kernel<scalar_t><<<cuda::grid_for(B * cg), threads, 0, stream>>>(
+        sorted_hi, sorted_lo, g, B, C, reg.const_data_ptr<scalar_t>(), anchors.const_data_ptr<scalar_t>(),
+        anchors.dim() == 2, sizes.const_data_ptr<int64_t>(), A, K, clip, valid.mutable_data_ptr<uint8_t>(),
         clabels.mutable_data_ptr<int64_t>(), cscores.mutable_data_ptr<scalar_t>(),
         cboxes.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  keys = keys_sorted = idx = idx_sorted = Tensor();
+  state = counter = hist = keys_s = keys_lo_s = seg = Tensor();
+  keys = keys_lo = Tensor();
 
   // 2. per image: score order (stable: ties keep candidate order), then by label (stable)
   const int64_t n = B * C;

@@ -194,7 +194,9 @@ def postprocess_detections(
     Returns:
         One dict per image with ``boxes`` (Tensor[M, 4], the codes' dtype), ``scores``
         (Tensor[M], the logits' dtype) and ``labels`` (Tensor[M], int64), best first.
-        Scores are torch's sigmoid (CPU: computed by ``torch.sigmoid`` itself; CUDA: the same
+        Scores are torch's sigmoid (CPU: computed by ``torch.sigmoid`` itself, always on its
+        vectorised path, where ``torch.sigmoid`` over a whole level computes the last few
+        elements of its loop with the scalar ``exp``, which may differ by an ulp; CUDA: the same
         formula as torch's CUDA kernel). Ties (exactly equal scores) are resolved by the lower
         index (top-k) and by level order (NMS), where torchvision's order is unspecified.
         Boxes are decoded by ``decode_box`` (csrc/common/box_math.h), whose C-library exp can
@@ -202,6 +204,11 @@ def postprocess_detections(
         relative rather than bitwise. Every ranking (top-k and NMS) uses the scores in the
         logits' own dtype, float64 included. A ``score_thresh`` below 0 lets every non-NaN
         logit through, ``-inf`` ones (score 0) too, as torchvision does.
+
+    Cost does not depend on how many scores pass ``score_thresh``: the top-k is selected on the
+    logits against a cut that rises as better candidates are found (CPU: a streaming scan;
+    CUDA: a radix select), exact scores are computed only for logits that can still make it,
+    and the extra memory is O(B * levels * topk_candidates) at any score density.
 
     The padded outputs are computed without any host synchronisation; splitting them into a
     list reads ``counts`` on the host (on CUDA, the one sync; under torch.compile a graph
