@@ -54,18 +54,26 @@ def _env(**extra):
     return env
 
 
-def _wheel_metadata(src, tmp, **env):
-    """The METADATA a wheel built in ``src`` would have (FORCE_CUDA=0 unless given)."""
-    out = os.path.join(tmp, "meta")
-    os.makedirs(out, exist_ok=True)
+def _wheel_metadata(src, tmp, *envs):
+    """The METADATA a wheel built in ``src`` would have, for each environment in ``envs``
+    (dicts added to FORCE_CUDA=0; one run at once each, in ``tmp``/meta<i>)."""
     code = ("import setuptools.build_meta as b, sys; "
             "print('DISTINFO=' + b.prepare_metadata_for_build_wheel(sys.argv[1]))")
-    p = subprocess.run([sys.executable, "-c", code, out], cwd=src, capture_output=True, text=True,
-                       env=_env(**{"FORCE_CUDA": "0", **env}), timeout=600)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    name = [l for l in p.stdout.splitlines() if l.startswith("DISTINFO=")][-1].split("=", 1)[1]
-    with open(os.path.join(out, name, "METADATA")) as f:
-        return email.message_from_string(f.read())
+    procs = []
+    for i, env in enumerate(envs or ({},)):
+        out = os.path.join(tmp, f"meta{i}")
+        os.makedirs(out, exist_ok=True)
+        procs.append((out, subprocess.Popen([sys.executable, "-c", code, out], cwd=src, text=True,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                            env=_env(**{"FORCE_CUDA": "0", **env}))))
+    metas = []
+    for out, p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stdout[-2000:] + stderr[-3000:]
+        name = [l for l in stdout.splitlines() if l.startswith("DISTINFO=")][-1].split("=", 1)[1]
+        with open(os.path.join(out, name, "METADATA")) as f:
+            metas.append(email.message_from_string(f.read()))
+    return metas
 
 
 def _run_deps(meta):
@@ -150,7 +158,7 @@ def test_dunder_version_is_the_build_and_the_metadata():
 def test_checkout_wheel_metadata(tree, tmp_path):
     """A wheel built from a checkout is tagged with its torch and requires that torch series;
     the extras are the commands' and the tests'."""
-    meta = _wheel_metadata(tree, str(tmp_path))
+    (meta,) = _wheel_metadata(tree, str(tmp_path))
     assert meta["Version"] == _version.build_version(torch.__version__, None)  # FORCE_CUDA=0
     assert _run_deps(meta) == [f"torch=={SERIES}.*", "torchvision>=0.26", "numpy"]
     assert set(meta.get_all("Provides-Extra")) == {"cli", "test"}
@@ -247,11 +255,10 @@ def test_sdist_metadata_and_the_wheel_built_from_it(sdist, tmp_path):
     assert pkg["Version"] == _version.RELEASE and top == f"retina_fast-{_version.RELEASE}"
     assert _run_deps(pkg) == ["torch>=2.11", "torchvision>=0.26", "numpy"]
     src = str(tmp_path / top)
-    meta = _wheel_metadata(src, str(tmp_path))
+    meta, tagged = _wheel_metadata(src, str(tmp_path), {}, {"RETINA_FAST_LOCAL_VERSION": "1"})
     assert meta["Version"] == _version.RELEASE
     assert _run_deps(meta)[0] == f"torch=={SERIES}.*"
-    meta = _wheel_metadata(src, str(tmp_path / "tagged"), RETINA_FAST_LOCAL_VERSION="1")
-    assert meta["Version"] == _version.build_version(torch.__version__, None)
+    assert tagged["Version"] == _version.build_version(torch.__version__, None)
 
 
 # ---------------------------------------------------------------------- the CUDA arch default
