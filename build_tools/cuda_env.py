@@ -1,4 +1,6 @@
-"""Where the CUDA toolkit and the nvidia-* wheel headers are, found without the user's help.
+"""Where the CUDA toolkit and the nvidia-* wheel headers are, found without the user's help,
+and the build facts setup.py records in retina_fast/_build_info.py (nvcc_version,
+compiler_version, parse_arch_flags).
 
 Used by setup.py, and runnable: `python build_tools/cuda_env.py` prints the toolkit root (for
 CMake's CUDA_TOOLKIT_ROOT_DIR), or nothing when there is no toolkit; `python
