@@ -1,4 +1,6 @@
-"""Where the CUDA toolkit and the nvidia-* wheel headers are, found without the user's help.
+"""Where the CUDA toolkit and the nvidia-* wheel headers are, found without the user's help,
+and the build facts setup.py records in retina_fast/_build_info.py (nvcc_version,
+compiler_version, parse_arch_flags).
 
 Used by setup.py, and runnable: `python build_tools/cuda_env.py` prints the toolkit root (for
 CMake's CUDA_TOOLKIT_ROOT_DIR), or nothing when there is no toolkit; `python
@@ -8,6 +10,8 @@ build_tools/cuda_env.py --shim DIR` makes DIR hold links to the wheel headers th
 
 import glob
 import os
+import re
+import shlex
 import shutil
 import site
 import subprocess
@@ -108,6 +112,45 @@ def missing_header_shim(cuda_home, shim_dir, wheel_dirs=None):
     for name, target in links.items():
         os.symlink(target, os.path.join(shim_dir, name))
     return shim_dir
+
+
+def nvcc_version(cuda_home):
+    """The toolkit's version as its nvcc reports it ("13.0.88"), or None."""
+    if not cuda_home:
+        return None
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release [\d.]+, V([\d.]+)", out)
+    return m.group(1) if m else None
+
+
+def compiler_version():
+    """The first line of the C++ compiler's --version (the compiler torch's build uses: $CXX,
+    else c++), or None."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run(shlex.split(cxx) + ["--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return out.splitlines()[0].strip() if out.strip() else None
+
+
+def parse_arch_flags(flags):
+    """nvcc's -gencode flags -> (["sm_75", ...] machine code, ["compute_90", ...] PTX)."""
+    sass, ptx = [], []
+    for flag in flags:
+        m = re.search(r",code=\[?([\w,]+)\]?", flag)  # "-gencode=arch=compute_90,code=sm_90"
+        if not m:
+            continue
+        for code in m.group(1).split(","):
+            dest = sass if code.startswith("sm_") else ptx if code.startswith("compute_") else None
+            if dest is not None and code not in dest:
+                dest.append(code)
+    return sass, ptx
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``retina-fast`` (also ``python -m retina_fast``): demo | train | eval | predict | export | make-shapes | bench.
+"""``retina-fast`` (also ``python -m retina_fast``): demo | train | eval | predict | export | make-shapes | bench | env.
 
 Errors in the user's input (a missing file, a malformed annotation file, an unknown class id,
 an unwritable folder, a bad checkpoint, a diverged run) end with a one-line
@@ -410,6 +410,99 @@ def cmd_bench(args, argv):
     return subprocess.call(cmd, cwd=root)
 
 
+# ------------------------------------------------- env command and optional packages (extras)
+#
+# `retina-fast env` is retina_fast.collect_env. It runs when the kernels do not load (a build
+# for another torch): retina_fast/__init__.py lets this one command import the package without
+# them, and nothing the env command imports here loads them.
+#
+# A command checks the optional packages it will need before any work starts
+# (_check_extras, from _prepare), so a base install (`pip install retina_fast`: ops and model)
+# learns which extra to install at once, not after a training run.
+
+_BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+#: The extra that holds what the commands need (pyproject.toml [project.optional-dependencies]).
+CLI_EXTRA = "retina_fast[cli]"
+
+
+def _add_env_command(sub, fmt):
+    en = sub.add_parser("env", formatter_class=fmt, help="print the environment, for bug reports",
+                        description="Print what a bug report needs: the versions of retina_fast, "
+                                    "torch, torchvision, Python and CUDA, what the extension was "
+                                    "built with (torch, CUDA toolkit, archs), whether its CUDA "
+                                    "kernels are present, the CPU kernel variant, OpenMP threads, "
+                                    "the GPUs and the optional packages. Same as python -m "
+                                    "retina_fast.collect_env.")
+    en.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    en.set_defaults(func=cmd_env)
+
+
+def cmd_env(args, argv):
+    from retina_fast.collect_env import main as collect_env_main
+
+    return collect_env_main(["--json"] if args.json else [])
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it (a ``sys.modules[name] = None``
+    entry or a meta-path finder that refuses it count as not installed)."""
+    import importlib.util
+
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _has_val_data(args) -> bool:
+    """Whether ``train`` will evaluate after training (validation data given or found)."""
+    if getattr(args, "no_eval", False):
+        return False
+    if getattr(args, "val_ann", None) or getattr(args, "val_images", None):
+        return True
+    data = getattr(args, "data", None)
+    return bool(data) and os.path.isfile(os.path.join(data, "val", "instances.json"))
+
+
+def _needed_packages(args) -> list:
+    """(import name, pip name, what for, extra) of each optional package this command will use."""
+    cmd, need = args.command, []
+    coco = ("pycocotools", "pycocotools", "COCO evaluation", CLI_EXTRA)
+    plots = ("matplotlib", "matplotlib", "plots", CLI_EXTRA)
+    evaluates = cmd in ("demo", "eval") or (cmd == "train" and _has_val_data(args))
+    # --coco-backend faster names its own package (engine/coco_backends.py); auto takes either
+    if evaluates and getattr(args, "coco_backend", "auto") != "faster":
+        if not (getattr(args, "coco_backend", "auto") == "auto" and _installed("faster_coco_eval")):
+            need.append(coco)
+    if cmd in ("demo", "train") or (cmd == "eval" and args.out):
+        need.append(plots)  # the loss curve; eval --out: the precision-recall panels
+    if getattr(args, "config", None):
+        need.append(("yaml", "pyyaml", "--config", CLI_EXTRA))
+    if getattr(args, "tensorboard", False):
+        need.append(("tensorboard", "tensorboard", "--tensorboard", CLI_EXTRA))
+    if cmd == "bench" and os.path.isdir(_BENCH_DIR):  # a source checkout's benchmarks/
+        need += [("pytest", "pytest", "the benchmarks", "retina_fast[test]"),
+                 ("pytest_benchmark", "pytest-benchmark", "the benchmarks", "retina_fast[test]")]
+    return need
+
+
+def _check_extras(args) -> None:
+    """A one-line RetinaFastError naming the missing packages and the extra to install."""
+    missing = [n for n in _needed_packages(args) if not _installed(n[0])]
+    if not missing:
+        return
+    extras = sorted({n[3] for n in missing})
+    what = ", ".join(f"{pip} ({use})" for _, pip, use, _ in missing)
+    one = len(missing) == 1
+    raise RetinaFastError(
+        f"{args.command} needs {what}, which {'is' if one else 'are'} not installed: "
+        + " and ".join(f"pip install '{e}'" for e in extras)
+        + f" (or just: pip install {' '.join(n[1] for n in missing)})")
+
+
 # ------------------------------------------------------------------------------------ parser
 
 
@@ -627,6 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "extra arguments go to pytest (e.g. -k nms --benchmark-json out.json).")
     b.add_argument("pytest_args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
+    _add_env_command(sub, fmt)
     return p
 
 
@@ -638,10 +732,12 @@ class _Formatter(logging.Formatter):
 def _prepare(parser, args, argv):
     """The config file merged in (train), the resolved config, and every check that can be done
     before work starts; a problem is a RetinaFastError."""
+    _check_extras(args)  # first: a missing package names its extra (see _check_extras)
     if args.command == "train":
         if args.config:
             cfg = rconfig.load_config(args.config, rconfig.subparser(parser, "train"))
             args = rconfig.apply_config(parser, argv, cfg)
+            _check_extras(args)  # what the file turned on (tensorboard: true, val data)
         rconfig.check_args(args, parser)
         rconfig.check_model(args.model, rconfig.model_kwargs(args))
         args.run_config = rconfig.resolved_config(args, parser)

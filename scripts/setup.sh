@@ -3,6 +3,9 @@
 # torchvision and the test/demo dependencies, then the extension built in place (with its CUDA
 # kernels when a CUDA toolkit is found; FORCE_CUDA=1 makes that mandatory, FORCE_CUDA=0 skips it).
 # Idempotent: a second run reuses the venv and rebuilds only what changed.
+# The packages are pyproject.toml's extras [cli] and [test] (tests/test_packaging.py checks that
+# both lists below hold every one), installed by name here because the editable install below
+# runs with --no-deps (it must not replace the torch installed first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -13,12 +16,13 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import torch, torchvision, pytest, pytest_benchmark, pycocotools, ninja, yaml, tensorboard, faster_coco_eval, hypothesis" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import torch, torchvision, numpy, pycocotools, PIL, matplotlib, tqdm, yaml, tensorboard, pytest, pytest_benchmark, expecttest, faster_coco_eval, ninja, build, hypothesis, onnx, onnxruntime, onnxscript" 2>/dev/null; then
   echo "== installing $TORCH_SPEC and dependencies"
   "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
   # shellcheck disable=SC2086
-  "$VENV/bin/python" -m pip install -q $TORCH_SPEC numpy ninja pytest pytest-benchmark expecttest \
-      pycocotools pillow matplotlib tqdm pyyaml tensorboard faster-coco-eval hypothesis
+  "$VENV/bin/python" -m pip install -q $TORCH_SPEC numpy \
+      pycocotools pillow matplotlib tqdm pyyaml tensorboard \
+      pytest pytest-benchmark expecttest faster-coco-eval ninja build hypothesis onnx onnxruntime onnxscript
 fi
 
 echo "== building the extension (FORCE_CUDA=${FORCE_CUDA:-auto}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})"
