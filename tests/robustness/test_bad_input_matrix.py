@@ -9,6 +9,7 @@ import os
 import select
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 
@@ -24,30 +25,42 @@ def run_matrix(ids, selftest=False, case_timeout=CASE_TIMEOUT):
         env["RETINA_FAST_BAD_INPUT_SELFTEST"] = "1"
     todo, records = list(ids), {}
     while todo:
+        err_file = tempfile.TemporaryFile()  # (a pipe nobody reads could fill and stall the run)
         proc = subprocess.Popen([sys.executable, "-m", "tests.robustness.bad_input_cases", "--ids",
                                  ",".join(map(str, todo))], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, bufsize=1)
-        started, buf, deadline = None, "", time.monotonic() + case_timeout
-        while True:
-            r, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if not r:  # no progress: a hang
-                proc.kill()
-                proc.wait()
-                outcome = "hang"
-                break
-            line = proc.stdout.readline()
-            if not line:  # the process ended
-                proc.wait()
-                outcome = "crash"
-                break
-            deadline = time.monotonic() + case_timeout
-            if line.startswith("START "):
-                started = int(line.split()[1])
-            elif line.startswith("{"):
-                rec = json.loads(line)
-                records[rec["i"]] = rec
-                started = None
-        stderr = proc.stderr.read()
+                                stderr=err_file, bufsize=0)
+        # Lines are split here from raw reads: select() on a buffered file object can report
+        # "nothing to read" while lines already sit in the object's buffer (a false hang).
+        fd, started, buf, deadline = proc.stdout.fileno(), None, b"", time.monotonic() + case_timeout
+        outcome = None
+        while outcome is None:
+            while b"\n" not in buf:
+                r, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+                if not r:  # no progress: a hang
+                    proc.kill()
+                    proc.wait()
+                    outcome = "hang"
+                    break
+                data = os.read(fd, 65536)
+                if not data:  # the process ended
+                    proc.wait()
+                    outcome = "crash"
+                    break
+                buf += data
+            while b"\n" in buf:
+                raw, buf = buf.split(b"\n", 1)
+                line = raw.decode()
+                deadline = time.monotonic() + case_timeout
+                if line.startswith("START "):
+                    started = int(line.split()[1])
+                elif line.startswith("{"):
+                    rec = json.loads(line)
+                    records[rec["i"]] = rec
+                    started = None
+        proc.stdout.close()
+        err_file.seek(0)
+        stderr = err_file.read().decode(errors="replace")
+        err_file.close()
         done = [i for i in todo if i in records]
         if started is not None:
             records[started] = {"i": started, "outcome": outcome, "rc": proc.returncode,
