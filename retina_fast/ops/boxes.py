@@ -383,6 +383,9 @@ def encode_boxes(
         before promoting, so 16-bit proposals beside float32 boxes differ from its codes by
         that 16-bit rounding (ours are the exact codes of the given boxes, rounded once).
     """
+    if reference_boxes.dtype == torch.bool or proposals.dtype == torch.bool:
+        raise ValueError(f"encode_boxes: expected numeric boxes, got reference_boxes {reference_boxes.dtype} "
+                         f"and proposals {proposals.dtype}")
     if not reference_boxes.is_floating_point() or not proposals.is_floating_point():
         like = reference_boxes.dtype if reference_boxes.is_floating_point() else proposals.dtype
         like = like if torch.empty((), dtype=like).is_floating_point() else torch.float32
@@ -414,6 +417,8 @@ def decode_boxes(
     """
     if math.isnan(float(clip)):
         raise ValueError("decode_boxes: expected a clip value (log of the largest scale), got clip=nan")
+    if boxes.dtype == torch.bool:
+        raise ValueError(f"decode_boxes: expected numeric boxes, got {boxes.dtype}")
     if not boxes.is_floating_point() and rel_codes.is_floating_point():
         boxes = boxes.to(rel_codes.dtype)
     return _ops.decode_boxes(rel_codes, boxes, [float(w) for w in weights], float(clip))

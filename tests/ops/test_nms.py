@@ -228,8 +228,11 @@ def test_batched_nms_bad_input():
     b, s = rand_boxes(10), unique_scores(10)
     with pytest.raises(RuntimeError, match=r"idxs of shape \[N\]"):
         R.batched_nms(b, s, torch.zeros(9, dtype=torch.long), 0.5)
+    # floating category ids are categories, as torchvision accepts them
+    cats = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2, 1, 0])
+    assert torch.equal(R.batched_nms(b, s, cats.float() * 0.5, 0.5), R.batched_nms(b, s, cats, 0.5))
     with pytest.raises(RuntimeError, match="integer dtype"):
-        R.batched_nms(b, s, torch.zeros(10), 0.5)
+        R.batched_nms(b, s, torch.zeros(10, dtype=torch.bool), 0.5)
     assert R.batched_nms(torch.empty(0, 4), torch.empty(0), torch.empty(0, dtype=torch.long), 0.5).shape == (0,)
 
 

@@ -335,8 +335,10 @@ def test_box_iou_leading_dimensions_broadcast_like_torchvision():
             assert torch.equal(o, torchvision.ops.box_iou(a, b))
     with pytest.raises(ValueError, match="broadcast"):
         rf.box_iou(boxes(2, 3), boxes(3, 3))
+    one = boxes(3)
+    assert torch.equal(rf.box_iou(one[0], one), rf.box_iou(one[:1], one))  # one 1-D box: [1, M]
     with pytest.raises(ValueError, match=r"\[\.\.\., N, 4\]"):
-        rf.box_iou(torch.rand(4), boxes(3))
+        rf.box_iou(torch.rand(4), torch.rand(4))
 
 
 # ------------------------------------------------------------------------------ focal loss

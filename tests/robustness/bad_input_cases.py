@@ -67,9 +67,9 @@ def _ops():
 
 
 E = "box_iou"
-err(E, "rank", "boxes1")(lambda: _ops().box_iou(torch.rand(4), boxes(3)))
+err(E, "rank", "boxes")(lambda: _ops().box_iou(torch.rand(4), torch.rand(4)))  # (one 1-D box vs [M, 4] is [1, M])
 err(E, "shape", "boxes2")(lambda: _ops().box_iou(boxes(3), torch.rand(3, 5)))
-err(E, "dtype", "boxes1")(lambda: _ops().box_iou(torch.ones(3, 4, dtype=torch.long), boxes(3)))
+err(E, "dtype", "boxes")(lambda: _ops().box_iou(torch.ones(3, 4, dtype=torch.bool), boxes(3)))  # (integers are boxes)
 err(E, "device", "device")(lambda: _ops().box_iou(boxes(3), meta(2, 4)))
 ok(E, "empty", shape_is(0, 3))(lambda: _ops().box_iou(torch.empty(0, 4), boxes(3)))
 
@@ -116,7 +116,7 @@ ok(E, "empty", lambda r: None if r.labels.shape == (0, 6) and r.regression_targe
 E = "encode_boxes"
 err(E, "rank", "reference_boxes")(lambda: _ops().encode_boxes(torch.rand(4), boxes(1)))
 err(E, "shape", "proposals")(lambda: _ops().encode_boxes(boxes(3), boxes(4)))
-err(E, "dtype", "reference_boxes")(lambda: _ops().encode_boxes(boxes(3).long(), boxes(3)))
+err(E, "dtype", "reference_boxes")(lambda: _ops().encode_boxes(boxes(3).bool(), boxes(3)))  # (integer gts encode)
 err(E, "device", "device")(lambda: _ops().encode_boxes(boxes(3), meta(3, 4)))
 err(E, "batch", "proposals")(lambda: _ops().encode_boxes(boxes(6).reshape(2, 3, 4), boxes(9).reshape(3, 3, 4)))
 ok(E, "empty", shape_is(0, 4))(lambda: _ops().encode_boxes(torch.empty(0, 4), torch.empty(0, 4)))
@@ -176,7 +176,7 @@ ok(E, "empty", shape_is(0))(lambda: _ops().nms(torch.empty(0, 4), torch.empty(0)
 E = "batched_nms"
 err(E, "rank", "idxs")(lambda: _ops().batched_nms(boxes(3), torch.rand(3), torch.zeros(3, 1, dtype=torch.long), 0.5))
 err(E, "batch", "idxs")(lambda: _ops().batched_nms(boxes(3), torch.rand(3), torch.zeros(4, dtype=torch.long), 0.5))
-err(E, "dtype", "idxs")(lambda: _ops().batched_nms(boxes(3), torch.rand(3), torch.zeros(3), 0.5))
+err(E, "dtype", "idxs")(lambda: _ops().batched_nms(boxes(3), torch.rand(3), torch.zeros(3, dtype=torch.bool), 0.5))  # (float ids are ids)
 err(E, "device", "device")(lambda: _ops().batched_nms(boxes(3), torch.rand(3), torch.zeros(3, dtype=torch.long, device="meta"), 0.5))
 err(E, "nan-threshold", "iou_threshold")(lambda: _ops().batched_nms(boxes(3), torch.rand(3), torch.zeros(3, dtype=torch.long), NAN))
 ok(E, "negative", shape_is(2))(  # negative category ids are ids like any other (torchvision's too)
