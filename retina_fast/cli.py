@@ -319,15 +319,9 @@ def _add_weights_flags(p):
 
 def cmd_export(args, argv):
     _set_threads(args)
-    import importlib.util
-
     from retina_fast.engine.checkpoint import load_checkpoint, model_from_checkpoint
     from retina_fast.engine.predict import set_input_size
 
-    if args.format == "onnx":
-        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise RetinaFastError(f"--format onnx needs {', '.join(missing)}: pip install {' '.join(missing)}")
     want = ".onnx" if args.format == "onnx" else ".pt2"
     if not args.out.endswith(want):
         raise RetinaFastError(f"argument --out: a {args.format} file must end in {want}, not {args.out!r}")
@@ -424,6 +418,8 @@ _BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 #: The extra that holds what the commands need (pyproject.toml [project.optional-dependencies]).
 CLI_EXTRA = "retina_fast[cli]"
+#: The extra for `retina-fast export --format onnx` (retina_fast.export's ONNX path).
+EXPORT_EXTRA = "retina_fast[export]"
 
 
 def _add_env_command(sub, fmt):
@@ -483,6 +479,8 @@ def _needed_packages(args) -> list:
         need.append(("yaml", "pyyaml", "--config", CLI_EXTRA))
     if getattr(args, "tensorboard", False):
         need.append(("tensorboard", "tensorboard", "--tensorboard", CLI_EXTRA))
+    if cmd == "export" and getattr(args, "format", None) == "onnx":
+        need += [(m, m, "--format onnx", EXPORT_EXTRA) for m in ("onnx", "onnxscript", "onnxruntime")]
     if cmd == "bench" and os.path.isdir(_BENCH_DIR):  # a source checkout's benchmarks/
         need += [("pytest", "pytest", "the benchmarks", "retina_fast[test]"),
                  ("pytest_benchmark", "pytest-benchmark", "the benchmarks", "retina_fast[test]")]

@@ -193,4 +193,4 @@ def test_cli_export_errors_are_one_line(tiny, tmp_path, capsys):
     p = _popen(["export", "--format", "onnx", "--checkpoint", ck, "--out", tmp_path / "m.onnx"],
                {"PYTHONPATH": f"{hide}{os.pathsep}{ROOT}"})
     p.stdout, p.stderr = p.communicate(timeout=300)
-    assert_one_line_error(p, "--format onnx needs onnx: pip install onnx")
+    assert_one_line_error(p, "export needs onnx (--format onnx), which is not installed: pip install 'retina_fast[export]'")

@@ -161,7 +161,7 @@ def test_checkout_wheel_metadata(tree, tmp_path):
     (meta,) = _wheel_metadata(tree, str(tmp_path))
     assert meta["Version"] == _version.build_version(torch.__version__, None)  # FORCE_CUDA=0
     assert _run_deps(meta) == [f"torch=={SERIES}.*", "torchvision>=0.26", "numpy"]
-    assert set(meta.get_all("Provides-Extra")) == {"cli", "test"}
+    assert set(meta.get_all("Provides-Extra")) == {"cli", "export", "test"}
     assert meta["License-Expression"] == "BSD-3-Clause" and meta["Requires-Python"] == ">=3.10"
     assert "The fastest correct RetinaNet" in meta.get_payload()  # the README is the description
 
@@ -360,14 +360,14 @@ def test_every_imported_package_is_declared():
     """The package imports only its dependencies and the [cli] extra's packages (and
     faster-coco-eval, optional); the tests and benchmarks only those and the [test] extra's."""
     extras = _extras()
-    pkg_ok = BASE | extras["cli"] | {"faster-coco-eval"}
+    pkg_ok = BASE | extras["cli"] | extras["export"] | {"faster-coco-eval"}
     for name, dists in _third_party(_imports("retina_fast")).items():
         assert dists & pkg_ok, f"retina_fast imports {name} ({dists}): not a dependency or in [cli]"
     test_ok = BASE | extras["test"]
     for folder in ("tests", "benchmarks"):
         for name, dists in _third_party(_imports(folder)).items():
             assert dists & test_ok, f"{folder}/ imports {name} ({dists}): add it to the [test] extra"
-    assert extras["cli"] <= extras["test"]
+    assert extras["cli"] <= extras["test"] and extras["export"] <= extras["test"]
 
 
 def test_setup_sh_installs_every_extra():
