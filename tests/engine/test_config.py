@@ -145,7 +145,7 @@ def test_the_example_configs_in_the_usage_guide_are_valid(tmp_path):
         cfg = rconfig.load_config(path, rconfig.subparser(parser, "train"))
         args = rconfig.apply_config(parser, ["train", "--config", path], cfg)
         rconfig.check_model(args.model, rconfig.model_kwargs(args))
-    assert "backbone_weights" in blocks[1]  # the weights work's flag, commented until it lands
+    assert "\nbackbone_weights: " in blocks[1]  # the COCO recipe starts from ImageNet weights
 
 
 def test_model_names_are_what_build_model_accepts():
