@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "common/cpu_block_cache.h"
 #include "common/cpu_dispatch.h"
 #include "nms/nms_tuning.h"
 
@@ -30,6 +31,10 @@ TORCH_LIBRARY(retina_fast, m) {
   // Test hook: the CUDA NMS scan's shared-memory budget in bytes (< 0: only read it); returns
   // the previous value. See csrc/nms/nms_tuning.h.
   m.def("_nms_scan_shared_limit(int bytes) -> int", &retina_fast::nms::set_scan_shared_limit);
+  // The CPU block cache of large outputs (csrc/common/cpu_block_cache.h): free every kept
+  // block (returns the bytes freed); [bytes kept, blocks kept, hits, misses].
+  m.def("_cpu_cache_release() -> int", &retina_fast::cpu_cache_release);
+  m.def("_cpu_cache_stats() -> int[]", &retina_fast::cpu_cache_stats);
 
   // ---- focal loss (csrc/focal_loss) ----
   // reduction: 0 none, 1 mean, 2 sum. alpha < 0: no alpha weighting.

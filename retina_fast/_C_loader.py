@@ -31,3 +31,12 @@ def cpu_isa() -> str:
     """The CPU kernels' instruction set in use: "avx512", "avx2" or "baseline" (the widest the
     CPU supports, or a narrower one named by RETINA_FAST_CPU_ISA, read once per process)."""
     return str(torch.ops.retina_fast._cpu_isa())
+
+
+def empty_cpu_cache() -> int:
+    """Free the CPU blocks kept for reuse (the focal loss's large gradients and 'none' outputs,
+    at least 4 MB each, kept after they are freed so the next call of the same size writes
+    into memory already touched), as ``torch.cuda.empty_cache`` does for CUDA; returns the
+    bytes freed. At most ``RETINA_FAST_CPU_CACHE_MB`` (default 1024, read once; 0: none) is
+    kept, the oldest blocks freed first. Tensors in use are not affected."""
+    return int(torch.ops.retina_fast._cpu_cache_release())

@@ -41,14 +41,14 @@ try:
         _why = _version.torch_mismatch(_BUILD, _torch.__version__, _torch.version.cuda)
         if _why:
             raise ImportError(_why)
-    from retina_fast._C_loader import cpu_isa, cuda_built
+    from retina_fast._C_loader import cpu_isa, cuda_built, empty_cpu_cache
     from retina_fast import ops
 except ImportError as _e:
     if not _reporting_environment():
         raise
     kernel_load_error = _e
 
-__all__ = ["ops", "cuda_built", "cpu_isa", "patch_torchvision", "unpatch_torchvision", "patched_torchvision", "__version__"]
+__all__ = ["ops", "cuda_built", "cpu_isa", "empty_cpu_cache", "patch_torchvision", "unpatch_torchvision", "patched_torchvision", "__version__"]
 
 
 _LAZY = {"patch_torchvision", "unpatch_torchvision", "patched_torchvision"}

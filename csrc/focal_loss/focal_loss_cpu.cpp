@@ -18,10 +18,8 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
+#include "common/cpu_block_cache.h"
 #include "common/cpu_dispatch.h"
 #include "common/cpu_math.h"
 #include "focal_loss/focal_loss_checks.h"
@@ -340,27 +338,13 @@ struct Chunk {
   }
 };
 
-// A gradient-sized output ([N, K], tens of MB): on Linux with transparent huge pages in
-// "madvise" mode, 2 MB pages ask the kernel for ~512x fewer page faults than the default
-// allocator's fresh 4 kB pages. Allocating and first touching a 38 MB tensor cost 1.8 ns per
-// float32 element there (more than the focal loss math, ~1.5 ns), 0.35 ns with huge pages
-// (benchmarks/bench_focal_floor.py). torch does the same for every large allocation under
-// THP_MEM_ALLOC_ENABLE=1. Small outputs, and other systems, get at::empty.
-at::Tensor empty_output_like(const at::Tensor& like) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kHuge = size_t(2) << 20;
-  const size_t nbytes = size_t(like.numel()) * like.element_size();
-  if (nbytes >= 2 * kHuge && like.layout() == at::kStrided && like.device().is_cpu()) {
-    const size_t rounded = (nbytes + kHuge - 1) / kHuge * kHuge;
-    void* p = nullptr;
-    if (posix_memalign(&p, kHuge, rounded) == 0) {
-      madvise(p, rounded, MADV_HUGEPAGE);  // advice only: failure leaves 4 kB pages
-      return at::from_blob(p, like.sizes(), [](void* q) { std::free(q); }, like.options());
-    }
-  }
-#endif
-  return at::empty(like.sizes(), like.options());
-}
+// A gradient-sized output ([N, K], tens of MB), once per training step: on 2 MB pages, from
+// a cache of freed blocks that are touched already (common/cpu_block_cache.h). A fresh
+// allocation this large pays the first touch of every page at every call: 1.8 ns per float32
+// element with 4 kB pages here (more than the focal loss math, ~1.5 ns), 0.35 ns with huge
+// pages, ~0 from the cache (benchmarks/bench_focal_floor.py, bench_focal_loss.py). Small
+// outputs get at::empty.
+at::Tensor empty_output_like(const at::Tensor& like) { return cached_empty_like(like); }
 
 double sum_partials(const std::vector<double>& partials) {
   double s = 0.0;
