@@ -45,7 +45,8 @@ class Progress:
     ``mode``: ``auto`` (a bar on a terminal, lines otherwise), ``bar``, ``lines`` or ``none``;
     ``enabled=False`` (ranks other than 0) shows nothing. In ``lines`` mode :meth:`update`
     prints ``{prefix} {noun} {n}/{total} {stats} eta ...`` every ``every`` steps and when
-    ``force_line``; the ETA is the remaining steps at the average speed since the start."""
+    ``force_line``; the ETA is the remaining steps at the average speed since the start.
+    ``total`` 0 or None: not known yet (``n/?``, no ETA)."""
 
     def __init__(self, mode: str, total: int | None, prefix: str, enabled: bool = True,
                  every: int = 50, noun: str = "it", start: int = 0, clock=time.perf_counter):
@@ -59,7 +60,7 @@ class Progress:
         if self.mode == "bar":
             try:
                 from tqdm import tqdm
-                self.bar = tqdm(total=total, initial=start, unit=noun, dynamic_ncols=True, leave=True)
+                self.bar = tqdm(total=total or None, initial=start, unit=noun, dynamic_ncols=True, leave=True)
             except ImportError:
                 self.mode = "lines"
 
@@ -70,7 +71,7 @@ class Progress:
         return (self.total - n) * (self.clock() - self.t0) / done
 
     def line(self, n: int, stats: dict) -> str:
-        parts = [f"{self.prefix} {self.noun} {n}/{self.total}"]
+        parts = [f"{self.prefix} {self.noun} {n}/{self.total or '?'}"]
         parts += [f"{k}={v}" for k, v in stats.items()]
         if n < (self.total or 0) and n > self.start:
             parts.append(f"eta {format_eta(self.eta(n))}")
@@ -84,7 +85,7 @@ class Progress:
             self.total = total
         due = force_line or n % self.every == 0 or n == self.total
         if self.mode == "bar":
-            self.bar.total = self.total
+            self.bar.total = self.total or None
             self.bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in stats.items()), refresh=False)
             self.bar.update(n - self.bar.n)
             if due:

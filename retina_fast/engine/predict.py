@@ -63,6 +63,8 @@ def read_image(path: str) -> torch.Tensor:
     from retina_fast.data.coco import read_image as _read_rgb
 
     arr, _ = _read_rgb(path)
+    if not arr.flags.writeable:  # PIL's read-only buffer: torch.from_numpy would warn
+        arr = arr.copy()
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 

@@ -331,8 +331,12 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
         }, ckpt_path)
         atomic_write_json(history, os.path.join(cfg.out_dir, "history.json"))
 
-    progress = Progress(cfg.progress, sched_fn.total_iters, "[train]", enabled=is_main,
-                        every=cfg.log_every, start=it)
+    # A time-budgeted run's length is unknown until its speed is measured (its schedule's
+    # placeholder length is epochs x iterations): the progress shows "n/?" and no ETA until
+    # the budget has been fitted, or was fitted before (a resumed run).
+    budget_fitted = not cfg.time_budget or it > 0
+    progress = Progress(cfg.progress, sched_fn.total_iters if budget_fitted else 0, "[train]",
+                        enabled=is_main, every=cfg.log_every, start=it)
     metrics = MetricsLogger(cfg.out_dir, cfg.tensorboard, start_iter=it) if is_main else None
     t0 = time.perf_counter()
     speed_mark = (t0, it)
@@ -400,12 +404,14 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
                         left = cfg.time_budget - (now - t0)
                         est = it + max(0, int(left * (it - speed_mark[1]) / dt))
                         sched_fn.total_iters = max(it + 1, min(est, cfg.max_iters or est))
+                        budget_fitted = True
                     speed_mark = (now, it)
                     rec["img_per_s"] = round(ips, 2)
                 stats = {"ep": epoch, "loss": f"{rec['loss']:.4f}",
                          **{k[:3]: f"{rec[k]:.4f}" for k in losses.keys()},
                          "lr": f"{lr:.2e}", "img/s": rec.get("img_per_s", "")}
-                progress.update(it, stats, total=sched_fn.total_iters, force_line=it == 1)
+                progress.update(it, stats, total=sched_fn.total_iters if budget_fitted else 0,
+                                force_line=it == 1)
                 if metrics is not None:
                     metrics.log("train", it, {k: v for k, v in rec.items() if k != "iter"},
                                 flush=it % cfg.log_every == 0)

@@ -170,6 +170,22 @@ def test_predict_batches_reads_exif_upright_and_writes_coco_results(tmp_path):
                        for i, c in ((1, 7), (2, 9), (3, 7))]
 
 
+def test_predict_reads_images_without_a_warning(tmp_path):
+    """PIL hands back a read-only buffer; torch.from_numpy on it prints a UserWarning (once per
+    process, so a fresh one), which the demo showed after training."""
+    import subprocess
+    import sys
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    code = ("import sys, warnings; from retina_fast.engine.predict import read_image\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always'); im = read_image(sys.argv[1])\n"
+            "assert tuple(im.shape) == (3, 8, 8) and not w, [str(x.message) for x in w]")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.png")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_prediction_image_ids_and_input_size():
     assert image_ids_for(["val/000000397133.jpg", "12.png"]) == [397133, 12]
     assert image_ids_for(["a.png", "1.png"]) == [1, 2]          # not all numbers: positions

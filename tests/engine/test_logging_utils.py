@@ -30,6 +30,17 @@ def test_progress_lines_end_with_an_eta(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_progress_with_an_unknown_total_shows_no_eta(capsys):
+    """A time-budgeted run before its speed is known: "n/?" and no ETA, then the fitted total."""
+    now = [0.0]
+    p = Progress("lines", 0, "[train]", every=5, clock=lambda: now[0])
+    now[0] = 1.0
+    p.update(1, {"loss": "1.0"}, total=0, force_line=True)
+    now[0] = 5.0
+    p.update(5, total=25)                       # 5 steps in 5 s -> 20 left = 20 s
+    assert capsys.readouterr().out.splitlines() == ["[train] it 1/? loss=1.0", "[train] it 5/25 eta 20s"]
+
+
 def _lines(path):
     return [json.loads(line) for line in open(path)]
 

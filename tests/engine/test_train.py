@@ -129,10 +129,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if ".tmp." in f]
 
 
-def test_time_budget_stops_and_fits_the_schedule(tmp_path):
-    cfg = tiny_config(tmp_path, epochs=10 ** 6, time_budget=3.0, log_every=5, warmup_iters=2)
+def test_time_budget_stops_and_fits_the_schedule(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, epochs=10 ** 6, time_budget=3.0, log_every=5, warmup_iters=2,
+                      progress="lines")
     res = train(cfg, tiny_stream(8), CATEGORIES)
     assert res.stopped_by == "time_budget" and res.train_seconds < 3.0 + 5.0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[train] it ")]
+    # before the budget is fitted the length is unknown (not the epochs placeholder), then fitted
+    assert lines[0].startswith("[train] it 1/? ") and "eta" not in lines[0], lines[0]
+    totals = [ln.split()[2].split("/")[1] for ln in lines[1:]]
+    assert totals and totals[-1].isdigit(), lines
+    assert all(t == "?" or (t.isdigit() and int(t) < 10 ** 4) for t in totals), lines
     lrs = [h["lr"] for h in res.history]
     # the cosine was fitted to the budget: the last lr is well below the peak
     assert len(lrs) > 5 and lrs[-1] < 0.6 * max(lrs)
