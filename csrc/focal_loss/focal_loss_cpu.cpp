@@ -18,7 +18,6 @@
 #include <type_traits>
 #include <vector>
 
-
 #include "common/cpu_block_cache.h"
 #include "common/cpu_dispatch.h"
 #include "common/cpu_math.h"
