@@ -32,6 +32,11 @@ namespace {
 
 constexpr int64_t kSub = 64;      // anchors per skip test
 constexpr int64_t kChunk = 2048;  // anchors per parallel task (multiple of kSub)
+// match_anchors' per-(image, anchor) scratch (best IoU and gt, 8 bytes a pair) covers at most
+// this many pairs at once: images are matched in groups of at most kGroupPairs / A (at least
+// one), so the scratch stays ~128 MB whatever B A is (a batch of 16 at 1333 px is 3M pairs: one
+// group).
+constexpr int64_t kGroupPairs = int64_t(1) << 24;
 constexpr int kLanes = 8;
 
 // ---------------------------------------------------------------- IoU spans
@@ -319,17 +324,24 @@ void match_impl(const at::Tensor& anchors, const at::Tensor& gts, const int64_t*
   }
 
   const int64_t nchunk = (A + kChunk - 1) / kChunk;
-  std::vector<acc_t> best_val(B * A);
-  std::vector<int32_t> best_idx(B * A);
-  std::vector<acc_t> partial(B * nchunk * std::max<int64_t>(M, 1));
+  const int64_t group = std::max<int64_t>(1, std::min<int64_t>(B, kGroupPairs / std::max<int64_t>(A, 1)));
+  std::vector<acc_t> best_val(group * A);
+  std::vector<int32_t> best_idx(group * A);
+  std::vector<acc_t> partial(group * nchunk * std::max<int64_t>(M, 1));
+  std::vector<acc_t> gmax(B * M, acc_t(0));
+  std::vector<uint8_t> restore_all(B, 0);
+
+  // Images b0 .. b0 + nb - 1 at a time; bl = b - b0 indexes the group's scratch.
+  for (int64_t b0 = 0; b0 < B; b0 += group) {
+  const int64_t nb = std::min(group, B - b0);
 
   // Pass 1: best gt per anchor, per-chunk max per gt.
-  at::parallel_for(0, B * nchunk, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, nb * nchunk, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / nchunk, c = t % nchunk;
+      const int64_t bl = t / nchunk, b = b0 + bl, c = t % nchunk;
       const int64_t a0 = c * kChunk, a1 = std::min(A, a0 + kChunk);
-      acc_t* bv = best_val.data() + b * A + a0;
-      int32_t* bi = best_idx.data() + b * A + a0;
+      acc_t* bv = best_val.data() + bl * A + a0;
+      int32_t* bi = best_idx.data() + bl * A + a0;
       std::fill(bv, bv + (a1 - a0), acc_t(0));
       std::fill(bi, bi + (a1 - a0), first[b]);
       for (int64_t g = 0; g < counts[b]; ++g) {
@@ -349,31 +361,29 @@ void match_impl(const at::Tensor& anchors, const at::Tensor& gts, const int64_t*
 
   // Per-gt maxima over all anchors (crowd gts: NaN, which restores nothing), and whether
   // some matched gt's maximum is 0.
-  std::vector<acc_t> gmax(B * M, acc_t(0));
-  std::vector<uint8_t> restore_all(B, 0);
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = b0; b < b0 + nb; ++b) {
     for (int64_t g = 0; g < counts[b]; ++g) {
       if (is_crowd(b, g)) {
         gmax[b * M + g] = std::numeric_limits<acc_t>::quiet_NaN();
         continue;
       }
       acc_t m = acc_t(0);
-      for (int64_t c = 0; c < nchunk; ++c) m = nan_max(m, partial[(b * nchunk + c) * M + g]);
+      for (int64_t c = 0; c < nchunk; ++c) m = nan_max(m, partial[((b - b0) * nchunk + c) * M + g]);
       gmax[b * M + g] = m;
       if (m == acc_t(0)) restore_all[b] = allow_lq && quirk;
     }
   }
 
   // Pass 2: thresholds, the low-quality restore, then the crowd regions.
-  at::parallel_for(0, B * nchunk, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, nb * nchunk, 1, [&](int64_t t0, int64_t t1) {
     uint8_t hit[kChunk];
     acc_t smax[kChunk / kSub];
     acc_t ioa[kChunk];
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / nchunk, c = t % nchunk;
+      const int64_t bl = t / nchunk, b = b0 + bl, c = t % nchunk;
       const int64_t a0 = c * kChunk, a1 = std::min(A, a0 + kChunk), n = a1 - a0;
-      const acc_t* bv = best_val.data() + b * A + a0;
-      const int32_t* bi = best_idx.data() + b * A + a0;
+      const acc_t* bv = best_val.data() + bl * A + a0;
+      const int32_t* bi = best_idx.data() + bl * A + a0;
       int64_t* lab = labels + b * A + a0;
       const int64_t s_first = a0 / kSub;
       if (nmatch[b] == 0) {
@@ -437,6 +447,7 @@ void match_impl(const at::Tensor& anchors, const at::Tensor& gts, const int64_t*
         if (lab[i] == -1 && ioa[i] >= crowd_thresh) lab[i] = -2;
     }
   });
+  }  // image groups
 }
 
 at::Tensor match_anchors_cpu(const at::Tensor& anchors, const at::Tensor& gt_boxes,

@@ -4,7 +4,9 @@ below 2^31: a wrapped 32-bit index would read or write the wrong element (or cra
 The focal-loss and post-processing tests are marked ``bigmem`` (deselected unless ``pytest
 --run-bigmem``): the first holds ~9 GB at its peak, the second ~5 GB; each skips when the
 machine has less available. The NMS one (more than 2^31 candidate pairs, little memory) runs
-by default. match_anchors past 2^31 (B A > 2^31) is not run: its int64 output alone is 17 GB."""
+by default. match_anchors past 2^31 (B A > 2^31, ~19 GB: its int64 output alone is 17 GB) is
+marked bigmem too; the matching of more pairs than one group of its scratch holds (the kernel
+matches images in groups of at most 2^24 / A) runs by default."""
 
 import math
 
@@ -119,3 +121,68 @@ def test_nms_pairs_past_2_31():
                                       torch.cat([torch.zeros(2 * n), torch.ones(2 * n)]).long(), 2, 0.5)
     assert counts.tolist() == [n, n]
     assert torch.equal(kb[0], keep) and torch.equal(kb[1], keep + 2 * n)
+
+
+def _grid_anchors(A):
+    """A disjoint 16 px boxes on a 20 px grid, 2048 a row: every anchor overlaps no other."""
+    i = torch.arange(A)
+    xy = torch.stack([(i % 2048) * 20.0, (i // 2048) * 20.0], 1)
+    return torch.cat([xy, xy + 16], 1)
+
+
+def _one_gt_per_image(anchors, B, seed):
+    """Image b's single gt is anchor p_b itself (IoU 1 there, 0 elsewhere): labels are -1 but a 0
+    at p_b, a different place in every image, so a wrapped or mixed-up index shows."""
+    A = anchors.shape[0]
+    p = (torch.arange(B) * 2053 + seed) % A
+    return anchors[p][:, None, :].clone(), torch.ones(B, dtype=torch.long), p
+
+
+def _check_rows(out, p, s, e):
+    exp = torch.full((e - s, out.shape[1]), -1, dtype=torch.long)
+    exp[torch.arange(e - s), p[s:e]] = 0
+    assert torch.equal(out[s:e], exp), (s, e)
+
+
+def test_match_anchors_over_several_scratch_groups():
+    """B A = 20.5M pairs: more than one group (2^24 pairs) of the kernel's scratch. Every row is
+    its own image's answer, and equal to matching the images a few at a time (one group)."""
+    A, B = 205_000, 100
+    assert B * A > 2 ** 24
+    anchors = _grid_anchors(A)
+    gts, counts, p = _one_gt_per_image(anchors, B, 11)
+    out = rf.match_anchors(anchors, gts, counts)
+    for s in range(0, B, 10):
+        e = min(B, s + 10)
+        _check_rows(out, p, s, e)
+        assert torch.equal(out[s:e], rf.match_anchors(anchors, gts[s:e], counts[s:e]))
+    # crowd regions and the zero-IoU quirk across group boundaries: a crowd gt covering the
+    # first anchors of every image, and one image whose gt overlaps no anchor
+    crowd_box = torch.tensor([0.0, 0.0, 100.0, 16.0]).expand(B, 1, 4)
+    gts2 = torch.cat([gts, crowd_box], 1)
+    gts2[57, 0] = torch.tensor([-50.0, -50.0, -40.0, -40.0])
+    crowd = torch.tensor([False, True]).expand(B, 2).contiguous()
+    out2 = rf.match_anchors(anchors, gts2, torch.full((B,), 2), gt_crowd=crowd)
+    for s in range(0, B, 10):
+        e = min(B, s + 10)
+        assert torch.equal(out2[s:e], rf.match_anchors(anchors, gts2[s:e], torch.full((e - s,), 2),
+                                                       gt_crowd=crowd[s:e])), (s, e)
+    assert (out2[57] == 0).all()                        # torchvision's quirk: every anchor fg
+    assert p[3] >= 6 and (out2[3, :5] == -2).all() and out2[3, 5] == -1  # inside the crowd box, then not
+
+
+@pytest.mark.bigmem
+def test_match_anchors_past_2_31_pairs():
+    """B A > 2^31 (1024 images x 2,097,159 anchors): the int64 labels past element 2^31 are each
+    image's own, and equal to matching 64 images at a time."""
+    _need(20.0)
+    A, B = 2 ** 21 + 7, 1024
+    assert B * A > TWO31
+    anchors = _grid_anchors(A)
+    gts, counts, p = _one_gt_per_image(anchors, B, 5)
+    out = rf.match_anchors(anchors, gts, counts)
+    assert out.shape == (B, A) and out.dtype == torch.long
+    for s in range(0, B, 64):
+        e = min(B, s + 64)
+        _check_rows(out, p, s, e)
+        assert torch.equal(out[s:e], rf.match_anchors(anchors, gts[s:e], counts[s:e])), (s, e)

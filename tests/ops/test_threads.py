@@ -7,6 +7,8 @@ nms, batched_nms, batched_nms_multi and the fused post-processing (results only:
 are another kernel's business).
 """
 
+import time
+
 import pytest
 import torch
 
@@ -140,4 +142,7 @@ def test_same_bits_on_one_and_several_threads(name, threads):
     # the several-thread run really used more than one thread (and the 1-thread one did not)
     assert busy_threads(run) >= 2, f"{name}: the kernels ran on one thread only"
     torch.set_num_threads(1)
+    # the OpenMP workers of the run above spin-wait for a while after its last parallel region
+    # (CPU time on their threads, more of it on a slow machine): let them go idle first
+    time.sleep(1.0)
     assert busy_threads(run, min_cpu_s=0.15) == 1, f"{name}: work on other threads with one thread set"
