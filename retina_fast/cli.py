@@ -194,6 +194,7 @@ def cmd_train(args, argv):
         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
         lr_steps=tuple(args.lr_steps or ()), lr_gamma=args.lr_gamma, warmup_iters=args.warmup_iters,
         clip_grad=args.clip_grad, amp=args.amp, sync_bn=args.sync_bn, device=args.device,
+        dist_timeout=args.dist_timeout,
         seed=args.seed, resume=args.resume, overwrite=args.overwrite, init_from=args.init_from,
         backbone_weights=args.backbone_weights, time_budget=args.time_budget, max_iters=args.max_iters,
         log_every=args.log_every, progress=args.progress, tensorboard=args.tensorboard,
@@ -605,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=10.0, help="max total gradient norm, 0 = off")
     g.add_argument("--amp", action="store_true", help="mixed precision (float16 + GradScaler on GPU, bfloat16 on CPU)")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (GPU only)")
+    g.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for a hung peer before it fails "
+                        "(torch's default: 30 min gloo, 10 min NCCL)")
     g.add_argument("--time-budget", type=float, help="stop after this many seconds, cosine fitted to it")
     g.add_argument("--max-iters", type=int, help="stop after this many iterations")
     g = t.add_argument_group("run")

@@ -1,10 +1,10 @@
 // See cpu_block_cache.h.
 #include "common/cpu_block_cache.h"
 
-#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <mutex>
-#include <string>
+#include <vector>
 #include <utility>
 
 #if defined(__linux__)

@@ -48,7 +48,7 @@ _AT_LEAST = {
     "log_every": 1, "max_iters": 1, "shapes_stream": 0, "seed": 0, "val_images": 1,
     "train": 0, "val": 0, "size": 32, "min_size": 1, "max_size": 1, "lr_steps": 0,
 }
-_POSITIVE = {"lr", "time_budget", "lr_gamma"}
+_POSITIVE = {"lr", "time_budget", "lr_gamma", "dist_timeout"}
 _NON_NEGATIVE = {"momentum", "weight_decay", "clip_grad"}
 _PROBABILITY = {"hflip"}
 

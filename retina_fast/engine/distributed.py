@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device_type: str) -> tuple[int, int, int]:
+def init_distributed(device_type: str, timeout_s: float | None = None) -> tuple[int, int, int]:
     """Join the process group if launched by torchrun (WORLD_SIZE > 1).
+
+    ``timeout_s``: the process group's timeout (torch's default, 30 min gloo / 10 min NCCL, if
+    ``None``): how long a rank waits in a collective for a peer that hangs before it raises.
 
     Returns ``(rank, world_size, local_rank)``; ``(0, 1, 0)`` for a plain single process."""
     world = env_world_size()
@@ -25,8 +32,41 @@ def init_distributed(device_type: str) -> tuple[int, int, int]:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+        kw = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+        store = _attempt_store(world, kw.get("timeout", timedelta(minutes=30)))
+        if store is not None:
+            kw.update(store=store, rank=rank, world_size=world)
+        dist.init_process_group(backend=backend, **kw)
     return rank, world, local_rank
+
+
+def _attempt_store(world: int, timeout: timedelta):
+    """The process group's store, scoped to this restart of the worker group, or ``None`` (let
+    ``init_process_group`` read ``env://``).
+
+    torchrun (torch 2.5 and later) lets the workers share the elastic agent's TCPStore
+    (``TORCHELASTIC_USE_AGENT_STORE=True``) and keeps that store across ``--max-restarts``
+    restarts, keys and all. A restarted rank can then read the address a dead rank of the
+    previous attempt published and fail to connect to it ("Gloo connectFullMesh failed ...
+    Connection refused", or a hang until the timeout): pytorch/pytorch#135712, measured here as
+    2 failures in 3 restarted runs. On one node every worker has the same agent and so the same
+    ``TORCHELASTIC_RESTART_COUNT``, and a key prefix made of it gives each attempt fresh keys.
+    Across nodes the count is per agent and need not agree (pytorch/pytorch#108158), so there
+    the store is left as it is and rank 0 says how to avoid the race
+    (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: a new store every attempt)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    one_node = (os.environ.get("GROUP_WORLD_SIZE", "1") == "1"
+                and os.environ.get("LOCAL_WORLD_SIZE", str(world)) == str(world))
+    if not one_node:
+        if os.environ.get("RANK") == "0" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0:
+            log.warning("torchrun --max-restarts across nodes with the agent's shared TCPStore: a "
+                        "restarted rank may read a dead rank's address (pytorch/pytorch#135712); "
+                        "launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 to avoid it")
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"retina_fast/attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def is_dist() -> bool:

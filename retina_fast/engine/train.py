@@ -121,6 +121,7 @@ class TrainConfig:
     amp: bool = False
     sync_bn: bool = False
     device: str = "auto"            # auto | cpu | cuda | cuda:N
+    dist_timeout: float | None = None  # seconds a rank waits for a peer in a collective (torch's default)
     seed: int = 0
     resume: str | None = None      # a checkpoint path, or "auto": <out>/checkpoint.pt if it exists
     overwrite: bool = False         # start from scratch even where <out>/checkpoint.pt exists
@@ -218,7 +219,7 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
     """Train; see the module docstring. ``categories`` (COCO dicts ``{"id", "name"}`` in label
     order) go into the checkpoint so evaluation and prediction can map labels back."""
     device = resolve_device(cfg.device)
-    rank, world, local_rank = rdist.init_distributed(device.type)
+    rank, world, local_rank = rdist.init_distributed(device.type, cfg.dist_timeout)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
     is_main = rank == 0

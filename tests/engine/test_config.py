@@ -80,6 +80,7 @@ def test_yaml_details(tmp_path):
     ("model_opt: [norm=gn]", "'model_opt': must be a mapping"),
     ("batch_size: 0", "'batch_size': must be at least 1, not 0"),
     ("hflip: 2", "'hflip': must be between 0 and 1"),
+    ("dist_timeout: 0", "'dist_timeout': must be positive, not 0"),
     ("lr: 1\nlr: 2", "key 'lr' appears twice"),
     ("lr: [1", "not valid YAML"),
     ("- lr", "must hold a mapping"),
