@@ -48,9 +48,10 @@ def _attempt_store(world: int, timeout: timedelta):
     (``TORCHELASTIC_USE_AGENT_STORE=True``) and keeps that store across ``--max-restarts``
     restarts, keys and all. A restarted rank can then read the address a dead rank of the
     previous attempt published and fail to connect to it ("Gloo connectFullMesh failed ...
-    Connection refused", or a hang until the timeout): pytorch/pytorch#135712, measured here as
-    2 failures in 3 restarted runs. On one node every worker has the same agent and so the same
-    ``TORCHELASTIC_RESTART_COUNT``, and a key prefix made of it gives each attempt fresh keys.
+    Connection refused", or a hang until the timeout): pytorch/pytorch#135712, measured on torch
+    2.14.1 as 30 failures (25 refused, 5 hung) in 49 restarted runs, 0 in 48 with the prefix.
+    On one node every worker has the same agent and so the same ``TORCHELASTIC_RESTART_COUNT``,
+    and a key prefix made of it gives each attempt fresh keys.
     Across nodes the count is per agent and need not agree (pytorch/pytorch#108158), so there
     the store is left as it is and rank 0 says how to avoid the race
     (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: a new store every attempt)."""
