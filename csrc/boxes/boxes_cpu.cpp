@@ -333,120 +333,120 @@ void match_impl(const at::Tensor& anchors, const at::Tensor& gts, const int64_t*
 
   // Images b0 .. b0 + nb - 1 at a time; bl = b - b0 indexes the group's scratch.
   for (int64_t b0 = 0; b0 < B; b0 += group) {
-  const int64_t nb = std::min(group, B - b0);
+    const int64_t nb = std::min(group, B - b0);
 
-  // Pass 1: best gt per anchor, per-chunk max per gt.
-  at::parallel_for(0, nb * nchunk, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bl = t / nchunk, b = b0 + bl, c = t % nchunk;
-      const int64_t a0 = c * kChunk, a1 = std::min(A, a0 + kChunk);
-      acc_t* bv = best_val.data() + bl * A + a0;
-      int32_t* bi = best_idx.data() + bl * A + a0;
-      std::fill(bv, bv + (a1 - a0), acc_t(0));
-      std::fill(bi, bi + (a1 - a0), first[b]);
-      for (int64_t g = 0; g < counts[b]; ++g) {
-        if (is_crowd(b, g)) continue;
-        const int64_t grow = b * M + g;
-        acc_t gm = acc_t(0);
-        for (int64_t s = a0 / kSub; s * kSub < a1; ++s) {
-          if (skip(grow, s)) continue;
-          const int64_t i0 = s * kSub, n = std::min(kSub, a1 - i0);
-          gm = nan_max(gm, S::best(&g5[5 * grow], a, i0, n, bv + (i0 - a0), bi + (i0 - a0),
-                                   int32_t(g)));
-        }
-        partial[t * M + g] = gm;
-      }
-    }
-  });
-
-  // Per-gt maxima over all anchors (crowd gts: NaN, which restores nothing), and whether
-  // some matched gt's maximum is 0.
-  for (int64_t b = b0; b < b0 + nb; ++b) {
-    for (int64_t g = 0; g < counts[b]; ++g) {
-      if (is_crowd(b, g)) {
-        gmax[b * M + g] = std::numeric_limits<acc_t>::quiet_NaN();
-        continue;
-      }
-      acc_t m = acc_t(0);
-      for (int64_t c = 0; c < nchunk; ++c) m = nan_max(m, partial[((b - b0) * nchunk + c) * M + g]);
-      gmax[b * M + g] = m;
-      if (m == acc_t(0)) restore_all[b] = allow_lq && quirk;
-    }
-  }
-
-  // Pass 2: thresholds, the low-quality restore, then the crowd regions.
-  at::parallel_for(0, nb * nchunk, 1, [&](int64_t t0, int64_t t1) {
-    uint8_t hit[kChunk];
-    acc_t smax[kChunk / kSub];
-    acc_t ioa[kChunk];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bl = t / nchunk, b = b0 + bl, c = t % nchunk;
-      const int64_t a0 = c * kChunk, a1 = std::min(A, a0 + kChunk), n = a1 - a0;
-      const acc_t* bv = best_val.data() + bl * A + a0;
-      const int32_t* bi = best_idx.data() + bl * A + a0;
-      int64_t* lab = labels + b * A + a0;
-      const int64_t s_first = a0 / kSub;
-      if (nmatch[b] == 0) {
-        std::fill(lab, lab + n, int64_t(-1));
-      } else if (restore_all[b]) {
-        for (int64_t i = 0; i < n; ++i) lab[i] = bi[i];
-      } else {
-        for (int64_t i = 0; i < n; ++i) lab[i] = threshold_label(bv[i], int64_t(bi[i]), high, low);
-        if (allow_lq) {
-          // Only anchors labelled -1/-2 can change; an anchor can tie gt g's maximum only if
-          // its own best IoU reaches it.
-          bool any = false;
-          for (int64_t s = s_first; s * kSub < a1; ++s) {
-            acc_t m = -std::numeric_limits<acc_t>::infinity();
-            for (int64_t i = s * kSub - a0, e = std::min(a1, (s + 1) * kSub) - a0; i < e; ++i)
-              if (lab[i] < 0) m = std::max(m, bv[i]);
-            smax[s - s_first] = m;
-            any = any || m > -std::numeric_limits<acc_t>::infinity();
+    // Pass 1: best gt per anchor, per-chunk max per gt.
+    at::parallel_for(0, nb * nchunk, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t bl = t / nchunk, b = b0 + bl, c = t % nchunk;
+        const int64_t a0 = c * kChunk, a1 = std::min(A, a0 + kChunk);
+        acc_t* bv = best_val.data() + bl * A + a0;
+        int32_t* bi = best_idx.data() + bl * A + a0;
+        std::fill(bv, bv + (a1 - a0), acc_t(0));
+        std::fill(bi, bi + (a1 - a0), first[b]);
+        for (int64_t g = 0; g < counts[b]; ++g) {
+          if (is_crowd(b, g)) continue;
+          const int64_t grow = b * M + g;
+          acc_t gm = acc_t(0);
+          for (int64_t s = a0 / kSub; s * kSub < a1; ++s) {
+            if (skip(grow, s)) continue;
+            const int64_t i0 = s * kSub, n = std::min(kSub, a1 - i0);
+            gm = nan_max(gm, S::best(&g5[5 * grow], a, i0, n, bv + (i0 - a0), bi + (i0 - a0),
+                                     int32_t(g)));
           }
-          if (any) {
-            std::fill(hit, hit + n, uint8_t(0));
-            for (int64_t g = 0; g < counts[b]; ++g) {
-              const int64_t grow = b * M + g;
-              const acc_t gm = gmax[grow];
-              if (!(gm > acc_t(0))) continue;  // NaN ties nothing; 0 only matters with the quirk
-              for (int64_t s = s_first; s * kSub < a1; ++s) {
-                if (smax[s - s_first] < gm || skip(grow, s)) continue;
-                const int64_t i0 = s * kSub, len = std::min(kSub, a1 - i0);
-                S::tie(&g5[5 * grow], a, i0, len, gm, hit + (i0 - a0));
-              }
+          partial[t * M + g] = gm;
+        }
+      }
+    });
+
+    // Per-gt maxima over all anchors (crowd gts: NaN, which restores nothing), and whether
+    // some matched gt's maximum is 0.
+    for (int64_t b = b0; b < b0 + nb; ++b) {
+      for (int64_t g = 0; g < counts[b]; ++g) {
+        if (is_crowd(b, g)) {
+          gmax[b * M + g] = std::numeric_limits<acc_t>::quiet_NaN();
+          continue;
+        }
+        acc_t m = acc_t(0);
+        for (int64_t c = 0; c < nchunk; ++c) m = nan_max(m, partial[((b - b0) * nchunk + c) * M + g]);
+        gmax[b * M + g] = m;
+        if (m == acc_t(0)) restore_all[b] = allow_lq && quirk;
+      }
+    }
+
+    // Pass 2: thresholds, the low-quality restore, then the crowd regions.
+    at::parallel_for(0, nb * nchunk, 1, [&](int64_t t0, int64_t t1) {
+      uint8_t hit[kChunk];
+      acc_t smax[kChunk / kSub];
+      acc_t ioa[kChunk];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t bl = t / nchunk, b = b0 + bl, c = t % nchunk;
+        const int64_t a0 = c * kChunk, a1 = std::min(A, a0 + kChunk), n = a1 - a0;
+        const acc_t* bv = best_val.data() + bl * A + a0;
+        const int32_t* bi = best_idx.data() + bl * A + a0;
+        int64_t* lab = labels + b * A + a0;
+        const int64_t s_first = a0 / kSub;
+        if (nmatch[b] == 0) {
+          std::fill(lab, lab + n, int64_t(-1));
+        } else if (restore_all[b]) {
+          for (int64_t i = 0; i < n; ++i) lab[i] = bi[i];
+        } else {
+          for (int64_t i = 0; i < n; ++i) lab[i] = threshold_label(bv[i], int64_t(bi[i]), high, low);
+          if (allow_lq) {
+            // Only anchors labelled -1/-2 can change; an anchor can tie gt g's maximum only if
+            // its own best IoU reaches it.
+            bool any = false;
+            for (int64_t s = s_first; s * kSub < a1; ++s) {
+              acc_t m = -std::numeric_limits<acc_t>::infinity();
+              for (int64_t i = s * kSub - a0, e = std::min(a1, (s + 1) * kSub) - a0; i < e; ++i)
+                if (lab[i] < 0) m = std::max(m, bv[i]);
+              smax[s - s_first] = m;
+              any = any || m > -std::numeric_limits<acc_t>::infinity();
             }
-            for (int64_t i = 0; i < n; ++i)
-              if (hit[i]) lab[i] = bi[i];
+            if (any) {
+              std::fill(hit, hit + n, uint8_t(0));
+              for (int64_t g = 0; g < counts[b]; ++g) {
+                const int64_t grow = b * M + g;
+                const acc_t gm = gmax[grow];
+                if (!(gm > acc_t(0))) continue;  // NaN ties nothing; 0 only matters with the quirk
+                for (int64_t s = s_first; s * kSub < a1; ++s) {
+                  if (smax[s - s_first] < gm || skip(grow, s)) continue;
+                  const int64_t i0 = s * kSub, len = std::min(kSub, a1 - i0);
+                  S::tie(&g5[5 * grow], a, i0, len, gm, hit + (i0 - a0));
+                }
+              }
+              for (int64_t i = 0; i < n; ++i)
+                if (hit[i]) lab[i] = bi[i];
+            }
           }
         }
-      }
-      // Crowd regions: the largest share of each background anchor inside a crowd box (0 when
-      // there is none: a threshold <= 0 then ignores every background anchor of every image,
-      // as the reference does). A sub-block without background anchors, or disjoint from the
-      // box (share exactly 0), is skipped.
-      if (crowd == nullptr || (ncrowd[b] == 0 && !(acc_t(0) >= crowd_thresh))) continue;
-      bool any_bg = false;
-      for (int64_t s = s_first; s * kSub < a1; ++s) {
-        bool bg = false;
-        for (int64_t i = s * kSub - a0, e = std::min(a1, (s + 1) * kSub) - a0; i < e; ++i) bg = bg || lab[i] == -1;
-        hit[s - s_first] = bg;
-        any_bg = any_bg || bg;
-      }
-      if (!any_bg) continue;
-      std::fill(ioa, ioa + n, acc_t(0));
-      for (int64_t g = 0; g < counts[b]; ++g) {
-        if (!is_crowd(b, g)) continue;
-        const int64_t grow = b * M + g;
+        // Crowd regions: the largest share of each background anchor inside a crowd box (0 when
+        // there is none: a threshold <= 0 then ignores every background anchor of every image,
+        // as the reference does). A sub-block without background anchors, or disjoint from the
+        // box (share exactly 0), is skipped.
+        if (crowd == nullptr || (ncrowd[b] == 0 && !(acc_t(0) >= crowd_thresh))) continue;
+        bool any_bg = false;
         for (int64_t s = s_first; s * kSub < a1; ++s) {
-          if (!hit[s - s_first] || (crowd_thresh > acc_t(0) && skip(grow, s))) continue;
-          const int64_t i0 = s * kSub, len = std::min(kSub, a1 - i0);
-          S::ioa(&g5[5 * grow], a, i0, len, ioa + (i0 - a0));
+          bool bg = false;
+          for (int64_t i = s * kSub - a0, e = std::min(a1, (s + 1) * kSub) - a0; i < e; ++i) bg = bg || lab[i] == -1;
+          hit[s - s_first] = bg;
+          any_bg = any_bg || bg;
         }
+        if (!any_bg) continue;
+        std::fill(ioa, ioa + n, acc_t(0));
+        for (int64_t g = 0; g < counts[b]; ++g) {
+          if (!is_crowd(b, g)) continue;
+          const int64_t grow = b * M + g;
+          for (int64_t s = s_first; s * kSub < a1; ++s) {
+            if (!hit[s - s_first] || (crowd_thresh > acc_t(0) && skip(grow, s))) continue;
+            const int64_t i0 = s * kSub, len = std::min(kSub, a1 - i0);
+            S::ioa(&g5[5 * grow], a, i0, len, ioa + (i0 - a0));
+          }
+        }
+        for (int64_t i = 0; i < n; ++i)
+          if (lab[i] == -1 && ioa[i] >= crowd_thresh) lab[i] = -2;
       }
-      for (int64_t i = 0; i < n; ++i)
-        if (lab[i] == -1 && ioa[i] >= crowd_thresh) lab[i] = -2;
-    }
-  });
+    });
   }  // image groups
 }
 
