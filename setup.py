@@ -86,8 +86,9 @@ def make_extension():
 
     from torch.utils.cpp_extension import CppExtension, CUDAExtension, _get_cuda_arch_flags
 
-    sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
-    cu_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
+    # csrc/simt is the CPU emulator of the CUDA sources, for tests only (build_tools/simt.py).
+    sources = sorted(s for s in glob.glob("csrc/**/*.cpp", recursive=True) if not s.startswith("csrc/simt/"))
+    cu_sources = sorted(s for s in glob.glob("csrc/**/*.cu", recursive=True) if not s.startswith("csrc/simt/"))
     # -fno-trapping-math lets GCC if-convert (and so vectorise) loops with ?: on floats;
     # -ffp-contract=off keeps a*b+c rounded twice, as torch computes it (bitwise parity).
     cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]

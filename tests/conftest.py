@@ -4,12 +4,13 @@ CUDA tests carry the ``cuda`` marker (``pytest -m cuda`` selects them; ``scripts
 does): tests decorated with :data:`requires_cuda` / :data:`requires_gpu`, and every test
 parametrised with the device ``"cuda"`` (marked at collection).
 
-``RETINA_FAST_TEST_CUDA=cpu`` runs the :data:`requires_cuda` tests without a GPU, with the CPU
-standing in for it (:data:`CUDA` is then ``"cpu"``: each CUDA-vs-CPU comparison compares the
-CPU kernels with themselves). It proves the tests themselves run, so a typo, a shape mistake or
-a wrong API call is found here (CI runs this), not on the rarely lent GPU machine. Tests that
-need a real GPU (streams, a second device, device-side errors, memory limits) use
-:data:`requires_gpu` and skip in that mode.
+``RETINA_FAST_TEST_CUDA=simt`` runs the :data:`requires_cuda` tests without a GPU on the CUDA
+kernels themselves, executed by the CPU emulator of the CUDA execution model (csrc/simt):
+``python build_tools/simt.py test`` builds it with AddressSanitizer and UBSan, sets this mode
+(``RETINA_FAST_SIMT_LIB`` names the library) and turns the race check on. :data:`CUDA` is then
+``"simt"``, the emulated device (tests/simt_support.py): each CUDA-vs-CPU comparison compares the
+CUDA kernel with the CPU kernel. Tests that need a real GPU (streams, a second device, memory
+limits, torch.compile's CUDA code) use :data:`requires_gpu` and skip in that mode.
 """
 
 import os
@@ -20,15 +21,28 @@ import torch
 import retina_fast  # noqa: F401  (loads the kernels)
 
 HAS_CUDA = torch.cuda.is_available() and retina_fast.cuda_built()
-EMULATED_CUDA = not HAS_CUDA and os.environ.get("RETINA_FAST_TEST_CUDA") == "cpu"
+_MODE = os.environ.get("RETINA_FAST_TEST_CUDA", "")
+if _MODE == "cpu":
+    raise pytest.UsageError(
+        "RETINA_FAST_TEST_CUDA=cpu (the CPU kernels on both sides) is gone: run the CUDA tests on the "
+        "emulated CUDA kernels with `python build_tools/simt.py test`")
+#: The CUDA tests run on the emulated CUDA kernels (build_tools/simt.py).
+EMULATED_CUDA = not HAS_CUDA and _MODE == "simt"
+if EMULATED_CUDA:
+    from tests import simt_support
 
-#: The device CUDA tests run their "CUDA" side on: "cuda", or "cpu" in the emulated mode.
-CUDA = "cuda" if HAS_CUDA else "cpu"
+    _lib = os.environ.get("RETINA_FAST_SIMT_LIB")
+    if not _lib:
+        raise pytest.UsageError("RETINA_FAST_TEST_CUDA=simt needs RETINA_FAST_SIMT_LIB: use build_tools/simt.py test")
+    simt_support.load(_lib)
+
+#: The device CUDA tests run their "CUDA" side on: "cuda", or the emulated device "simt".
+CUDA = "cuda" if HAS_CUDA else ("simt" if EMULATED_CUDA else "cuda")
 
 
 _CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(
     not (HAS_CUDA or EMULATED_CUDA),
-    reason="needs a CUDA device and a CUDA build (or RETINA_FAST_TEST_CUDA=cpu to emulate)")]
+    reason="needs a CUDA device and a CUDA build (or the CUDA emulator: python build_tools/simt.py test)")]
 _GPU_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build")]
 
 
@@ -41,7 +55,7 @@ def _apply(marks):
     return deco
 
 
-#: A CUDA test that can also run emulated on the CPU (RETINA_FAST_TEST_CUDA=cpu).
+#: A CUDA test that also runs on the emulated CUDA kernels (RETINA_FAST_TEST_CUDA=simt).
 requires_cuda = _apply(_CUDA_MARKS)
 #: A CUDA test that needs a real GPU.
 requires_gpu = _apply(_GPU_MARKS)
@@ -59,9 +73,9 @@ def devices():
 
 def _has_cuda_param(value) -> bool:
     if isinstance(value, str):
-        return value.startswith("cuda")
+        return value.startswith("cuda") or value == "simt"
     if isinstance(value, torch.device):
-        return value.type == "cuda"
+        return value.type in ("cuda", "simt")
     if isinstance(value, (tuple, list)):
         return any(_has_cuda_param(v) for v in value)
     return False
@@ -82,6 +96,23 @@ def pytest_collection_modifyitems(config, items):
         callspec = getattr(item, "callspec", None)
         if callspec is not None and any(_has_cuda_param(v) for v in callspec.params.values()):
             item.add_marker(pytest.mark.cuda)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under the emulator: a race the race check found, or an emulator error no test raised,
+    fails the run even where a test caught the exception."""
+    if not EMULATED_CUDA:
+        return
+    errors, races, calls, _, race_check = simt_support.stats()
+    tr = session.config.pluginmanager.get_plugin("terminalreporter")
+    line = (f"simt: {calls} emulated CUDA op calls, race check {'on' if race_check else 'off'}, "
+            f"{races} race(s), {errors} emulator error(s) recorded")
+    if tr is not None:
+        tr.write_line(line)
+    if races > simt_support.expected_races and session.exitstatus == 0:
+        if tr is not None:
+            tr.write_line(f"simt: {races - simt_support.expected_races} race(s) found beyond the provoked ones: failing")
+        session.exitstatus = 1
 
 
 # ---------------------------------------------------------------- hypothesis profiles

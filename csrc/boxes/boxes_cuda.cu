@@ -92,7 +92,7 @@ at::Tensor box_iou_cuda(const at::Tensor& boxes1, const at::Tensor& boxes2) {
   if (N == 0 || M == 0) return out;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "box_iou_cuda", [&] {
-    box_iou_kernel<scalar_t><<<cuda::grid_for(N * M), kThreads, 0, stream>>>(
+    cuda::launch(box_iou_kernel<scalar_t>, cuda::grid_for(N * M), kThreads, 0, stream,
         b1.const_data_ptr<scalar_t>(), b2.const_data_ptr<scalar_t>(), N, M,
         out.mutable_data_ptr<acc_type<scalar_t>>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -164,11 +164,12 @@ __device__ __forceinline__ bool warp_skips(const WarpAnchor<acc_t>& w, acc_t (*s
 
 __device__ __forceinline__ int64_t gt_count(const int64_t* counts, int64_t b, int64_t M) {
   const int64_t c = counts[b];
-  return c < 0 ? 0 : (c > M ? M : c);
+  RF_DEVICE_ASSERT(c >= 0 && c <= M, "retina_fast::match_anchors: expected every gt_counts[b] in [0, M]");
+  return c < 0 ? 0 : (c > M ? M : c);  // after a failed assertion (the launch fails): in bounds
 }
 
 // Grid (anchor tiles, images): images run along y in a grid-stride loop, so any number of
-// images fits the 65,535 limit of gridDim.y.
+// images fits the limit of gridDim.y (65,535; the device's maxGridSize[1]).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) match_pass1_kernel(
     const scalar_t* __restrict__ anchors, int64_t A, const scalar_t* __restrict__ gts,
@@ -177,10 +178,10 @@ __global__ void __launch_bounds__(kThreads) match_pass1_kernel(
     int32_t* __restrict__ best_idx, bits_type<acc_type<scalar_t>>* __restrict__ gmax) {
   using acc_t = acc_type<scalar_t>;
   using bits_t = bits_type<acc_t>;
-  __shared__ acc_t sg[5][kGtTile];
-  __shared__ uint8_t sreg[kGtTile];
-  __shared__ uint8_t scrowd[kGtTile];
-  __shared__ bits_t smax[kGtTile];
+  RF_SHARED(acc_t, sg, [5][kGtTile]);
+  RF_SHARED(uint8_t, sreg, [kGtTile]);
+  RF_SHARED(uint8_t, scrowd, [kGtTile]);
+  RF_SHARED(bits_t, smax, [kGtTile]);
   const round_for<scalar_t> r;
   const int64_t a = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool valid = a < A;
@@ -236,10 +237,10 @@ __global__ void __launch_bounds__(kThreads) match_pass2_kernel(
     const int64_t* __restrict__ nmatch, const int64_t* __restrict__ ncrowd,
     acc_type<scalar_t> crowd_thresh, int64_t* __restrict__ labels) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ acc_t sg[5][kGtTile];
-  __shared__ uint8_t sreg[kGtTile];
-  __shared__ uint8_t scrowd[kGtTile];
-  __shared__ acc_t sm[kGtTile];
+  RF_SHARED(acc_t, sg, [5][kGtTile]);
+  RF_SHARED(uint8_t, sreg, [kGtTile]);
+  RF_SHARED(uint8_t, scrowd, [kGtTile]);
+  RF_SHARED(acc_t, sm, [kGtTile]);
   const round_for<scalar_t> r;
   const int64_t a = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool valid = a < A;
@@ -351,15 +352,16 @@ at::Tensor match_anchors_cuda(const at::Tensor& anchors, const at::Tensor& gt_bo
     at::Tensor best_val = at::empty({B, A}, an.options().dtype(acc_st));
     at::Tensor best_idx = at::empty({B, A}, an.options().dtype(at::kInt));
     at::Tensor gmax = at::zeros({B, std::max<int64_t>(M, 1)}, an.options().dtype(bits_st));
-    const dim3 grid(unsigned((A + kThreads - 1) / kThreads), unsigned(std::min<int64_t>(B, 65535)));
+    const int64_t max_y = at::cuda::getCurrentDeviceProperties()->maxGridSize[1];  // 65,535
+    const dim3 grid(unsigned((A + kThreads - 1) / kThreads), unsigned(std::min<int64_t>(B, max_y)));
     bits_t* gm = reinterpret_cast<bits_t*>(gmax.data_ptr());
-    match_pass1_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+    cuda::launch(match_pass1_kernel<scalar_t>, grid, kThreads, 0, stream,
         an.const_data_ptr<scalar_t>(), A, gt.const_data_ptr<scalar_t>(),
         cnt.const_data_ptr<int64_t>(), B, M, cr.defined() ? cr.const_data_ptr<uint8_t>() : nullptr,
         first.defined() ? first.const_data_ptr<int32_t>() : nullptr, best_val.mutable_data_ptr<acc_t>(),
         best_idx.mutable_data_ptr<int32_t>(), gm);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    match_pass2_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+    cuda::launch(match_pass2_kernel<scalar_t>, grid, kThreads, 0, stream,
         an.const_data_ptr<scalar_t>(), A, gt.const_data_ptr<scalar_t>(),
         cnt.const_data_ptr<int64_t>(), B, M, best_val.const_data_ptr<acc_t>(),
         best_idx.const_data_ptr<int32_t>(), gm, acc_t(high), acc_t(low),
@@ -381,21 +383,18 @@ __global__ void gather_targets_kernel(const int64_t* __restrict__ matches,
                                       const int64_t* __restrict__ gt_labels, int64_t B,
                                       int64_t A, int64_t M, scalar_t wx, scalar_t wy,
                                       scalar_t ww, scalar_t wh, int64_t* __restrict__ labels,
-                                      scalar_t* __restrict__ targets,
-                                      unsigned long long* __restrict__ first_bad) {
+                                      scalar_t* __restrict__ targets) {
   const int64_t total = B * A;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < total; r += stride) {
     const int64_t b = r / A, i = r - b * A, m = matches[r];
+    RF_DEVICE_ASSERT(m >= -2 && m < M, "retina_fast::gather_targets: expected matches in [0, M), -1 or -2");
     if (m >= 0 && m < M) {
       labels[r] = gt_labels[b * M + m];
       encode_box(gts + 4 * (b * M + m), anchors + 4 * i, wx, wy, ww, wh, targets + 4 * r);
     } else {
-      // Out-of-range matches (never produced by match_anchors) read nothing: background, and
-      // the first such row is reported to the host check.
       labels[r] = m == -2 ? -2 : -1;
       for (int j = 0; j < 4; ++j) targets[4 * r + j] = scalar_t(0);
-      if (first_bad && (m < -2 || m >= M)) atomicMin(first_bad, static_cast<unsigned long long>(r));
     }
   }
 }
@@ -405,7 +404,7 @@ std::tuple<at::Tensor, at::Tensor> gather_targets_cuda(const at::Tensor& matches
                                                        const at::Tensor& gt_boxes,
                                                        const at::Tensor& gt_labels,
                                                        at::ArrayRef<double> weights,
-                                                       bool check_matches) {
+                                                       bool /*check_matches: always, a device-side assertion*/) {
   check_gather(matches, anchors, gt_boxes, gt_labels);
   const Weights w = check_weights(weights, "retina_fast::gather_targets");
   const c10::cuda::CUDAGuard guard(anchors.device());
@@ -419,30 +418,22 @@ std::tuple<at::Tensor, at::Tensor> gather_targets_cuda(const at::Tensor& matches
   at::Tensor targets = at::empty({B, A, 4}, an.options());
   if (B * A == 0) return {labels, targets};
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor first_bad;
-  if (check_matches) first_bad = at::full({}, std::numeric_limits<int64_t>::max(), mt.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "gather_targets_cuda", [&] {
-    gather_targets_kernel<scalar_t><<<cuda::grid_for(B * A), kThreads, 0, stream>>>(
+    cuda::launch(gather_targets_kernel<scalar_t>, cuda::grid_for(B * A), kThreads, 0, stream,
         mt.const_data_ptr<int64_t>(), an.const_data_ptr<scalar_t>(),
         gt.const_data_ptr<scalar_t>(), gl.const_data_ptr<int64_t>(), B, A, M,
         scalar_t(w.wx), scalar_t(w.wy), scalar_t(w.ww), scalar_t(w.wh),
-        labels.mutable_data_ptr<int64_t>(), targets.mutable_data_ptr<scalar_t>(),
-        check_matches ? reinterpret_cast<unsigned long long*>(first_bad.mutable_data_ptr<int64_t>())
-                      : nullptr);
+        labels.mutable_data_ptr<int64_t>(), targets.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (check_matches) {
-    const int64_t r = first_bad.item<int64_t>();  // the sync check_matches=false skips
-    if (r != std::numeric_limits<int64_t>::max()) bad_match(r / A, r % A, mt.view(-1)[r].item<int64_t>(), M);
-  }
   return {labels, targets};
 }
 
 // ------------------------------------------------------------------ matched_box_loss
 
 // One thread per anchor (grid-stride); only foreground anchors (match in [0, M)) read their
-// codes, anchor and gt row. Matches out of range read nothing (as gather_targets unchecked:
-// match_anchors never produces them; the CPU kernel reports them). Block partials summed in a
+// codes, anchor and gt row. A match out of [-2, M) fails a device-side assertion, as the CPU
+// kernel raises, and reads nothing. Block partials summed in a
 // fixed order by one block: deterministic, no float atomics.
 template <typename scalar_t, typename enc_t>
 __global__ void box_loss_kernel(const scalar_t* __restrict__ reg, const enc_t* __restrict__ anchors,
@@ -451,11 +442,12 @@ __global__ void box_loss_kernel(const scalar_t* __restrict__ reg, const enc_t* _
                                 BoxLoss kind, CoderParams cp, double beta, double eps,
                                 double* __restrict__ partials) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ double smem[32];
+  RF_SHARED(double, smem, [32]);
   double acc = 0.0;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < B * A; r += stride) {
     const int64_t m = matches[r];
+    RF_DEVICE_ASSERT(m >= -2 && m < M, "retina_fast::matched_box_loss: expected matches in [0, M), -1 or -2");
     if (m < 0 || m >= M) continue;
     const int64_t b = r / A, i = r - b * A;
     acc_t codes[4];
@@ -470,7 +462,7 @@ __global__ void box_loss_kernel(const scalar_t* __restrict__ reg, const enc_t* _
 
 template <typename out_t>
 __global__ void box_loss_finish_kernel(const double* __restrict__ partials, int64_t n, out_t* __restrict__ out) {
-  __shared__ double smem[32];
+  RF_SHARED(double, smem, [32]);
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partials[i];
   acc = cuda::block_reduce_sum(acc, smem);
@@ -488,6 +480,7 @@ __global__ void box_loss_backward_kernel(const acc_type<scalar_t>* __restrict__ 
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < B * A; r += stride) {
     const int64_t m = matches[r];
+    RF_DEVICE_ASSERT(m >= -2 && m < M, "retina_fast::matched_box_loss_backward: expected matches in [0, M), -1 or -2");
     scalar_t* o = out + 4 * r;
     if (m < 0 || m >= M) {
 #pragma unroll
@@ -533,12 +526,12 @@ at::Tensor matched_box_loss_cuda(const at::Tensor& bbox_regression, const at::Te
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, reg.scalar_type(), "matched_box_loss_cuda", [&] {
     if (B * A > 0) {
       if (est == at::kDouble) {
-        box_loss_kernel<scalar_t, double><<<blocks, kThreads, 0, stream>>>(
+        cuda::launch(box_loss_kernel<scalar_t, double>, blocks, kThreads, 0, stream,
             reg.const_data_ptr<scalar_t>(), an.const_data_ptr<double>(), mt.const_data_ptr<int64_t>(),
             gt.const_data_ptr<double>(), iw.const_data_ptr<double>(), B, A, M, static_cast<BoxLoss>(loss_type),
             cp, beta, eps, partials.mutable_data_ptr<double>());
       } else {
-        box_loss_kernel<scalar_t, float><<<blocks, kThreads, 0, stream>>>(
+        cuda::launch(box_loss_kernel<scalar_t, float>, blocks, kThreads, 0, stream,
             reg.const_data_ptr<scalar_t>(), an.const_data_ptr<float>(), mt.const_data_ptr<int64_t>(),
             gt.const_data_ptr<float>(), iw.const_data_ptr<double>(), B, A, M, static_cast<BoxLoss>(loss_type),
             cp, beta, eps, partials.mutable_data_ptr<double>());
@@ -547,10 +540,10 @@ at::Tensor matched_box_loss_cuda(const at::Tensor& bbox_regression, const at::Te
     }
   });
   if (out_t == at::kDouble) {
-    box_loss_finish_kernel<double><<<1, 1024, 0, stream>>>(partials.const_data_ptr<double>(), blocks,
+    cuda::launch(box_loss_finish_kernel<double>, 1, 1024, 0, stream, partials.const_data_ptr<double>(), blocks,
                                                            out.mutable_data_ptr<double>());
   } else {
-    box_loss_finish_kernel<float><<<1, 1024, 0, stream>>>(partials.const_data_ptr<double>(), blocks,
+    cuda::launch(box_loss_finish_kernel<float>, 1, 1024, 0, stream, partials.const_data_ptr<double>(), blocks,
                                                           out.mutable_data_ptr<float>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -583,12 +576,12 @@ at::Tensor matched_box_loss_backward_cuda(const at::Tensor& grad, const at::Tens
   const CoderParams cp{w.wx, w.wy, w.ww, w.wh, clip};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, reg.scalar_type(), "matched_box_loss_backward_cuda", [&] {
     if (est == at::kDouble) {
-      box_loss_backward_kernel<scalar_t, double><<<cuda::grid_for(B * A), kThreads, 0, stream>>>(
+      cuda::launch(box_loss_backward_kernel<scalar_t, double>, cuda::grid_for(B * A), kThreads, 0, stream,
           g.const_data_ptr<acc_type<scalar_t>>(), reg.const_data_ptr<scalar_t>(), an.const_data_ptr<double>(),
           mt.const_data_ptr<int64_t>(), gt.const_data_ptr<double>(), iw.const_data_ptr<double>(), B, A, M,
           static_cast<BoxLoss>(loss_type), cp, beta, eps, out.mutable_data_ptr<scalar_t>());
     } else {
-      box_loss_backward_kernel<scalar_t, float><<<cuda::grid_for(B * A), kThreads, 0, stream>>>(
+      cuda::launch(box_loss_backward_kernel<scalar_t, float>, cuda::grid_for(B * A), kThreads, 0, stream,
           g.const_data_ptr<acc_type<scalar_t>>(), reg.const_data_ptr<scalar_t>(), an.const_data_ptr<float>(),
           mt.const_data_ptr<int64_t>(), gt.const_data_ptr<float>(), iw.const_data_ptr<double>(), B, A, M,
           static_cast<BoxLoss>(loss_type), cp, beta, eps, out.mutable_data_ptr<scalar_t>());
@@ -622,7 +615,7 @@ at::Tensor encode_boxes_cuda(const at::Tensor& reference_boxes, const at::Tensor
   if (rows == 0) return out;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "encode_boxes_cuda", [&] {
-    encode_kernel<scalar_t><<<cuda::grid_for(rows), kThreads, 0, stream>>>(
+    cuda::launch(encode_kernel<scalar_t>, cuda::grid_for(rows), kThreads, 0, stream,
         ref.const_data_ptr<scalar_t>(), prop.const_data_ptr<scalar_t>(), rows, nprop,
         scalar_t(w.wx), scalar_t(w.wy), scalar_t(w.ww), scalar_t(w.wh),
         out.mutable_data_ptr<scalar_t>());
@@ -681,7 +674,7 @@ at::Tensor decode_boxes_cuda(const at::Tensor& rel_codes, const at::Tensor& boxe
   if (n == 0) return out;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codes.scalar_type(), "decode_boxes_cuda", [&] {
-    decode_kernel<scalar_t><<<cuda::grid_for(n), kThreads, 0, stream>>>(
+    cuda::launch(decode_kernel<scalar_t>, cuda::grid_for(n), kThreads, 0, stream,
         codes.const_data_ptr<scalar_t>(), bx.const_data_ptr<scalar_t>(), n, sh.k, sh.box_rows,
         scalar_t(w.wx), scalar_t(w.wy), scalar_t(w.ww), scalar_t(w.wh), scalar_t(clip),
         out.mutable_data_ptr<scalar_t>());
@@ -709,7 +702,7 @@ at::Tensor decode_boxes_backward_cuda(const at::Tensor& grad, const at::Tensor& 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codes.scalar_type(), "decode_boxes_backward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    decode_backward_kernel<scalar_t><<<cuda::grid_for(n), kThreads, 0, stream>>>(
+    cuda::launch(decode_backward_kernel<scalar_t>, cuda::grid_for(n), kThreads, 0, stream,
         g.const_data_ptr<scalar_t>(), codes.const_data_ptr<scalar_t>(),
         bx.const_data_ptr<scalar_t>(), n, sh.k, sh.box_rows, acc_t(w.wx), acc_t(w.wy),
         acc_t(w.ww), acc_t(w.wh), acc_t(clip), out.mutable_data_ptr<scalar_t>());
@@ -775,7 +768,7 @@ at::Tensor grid_anchors_cuda(const at::Tensor& cell_anchors, at::IntArrayRef cel
   t.off[L] = off[L];
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cell.scalar_type(), "grid_anchors_cuda", [&] {
-    grid_anchors_kernel<scalar_t><<<cuda::grid_for(off.back()), kThreads, 0, stream>>>(
+    cuda::launch(grid_anchors_kernel<scalar_t>, cuda::grid_for(off.back()), kThreads, 0, stream,
         cell.const_data_ptr<scalar_t>(), t, out.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

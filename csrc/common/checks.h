@@ -27,6 +27,15 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
 
 inline void check_device(const at::Tensor& t, at::DeviceType d, const char* op,
                          const char* name) {
+#ifdef RETINA_FAST_SIMT
+  // The CPU emulator of the CUDA kernels (csrc/simt) runs them on CPU tensors (its library
+  // retina_fast_simt) and on its own device (PrivateUse1, "simt"); only that build.
+  if (d == at::kCUDA) {
+    TORCH_CHECK(t.is_cpu() || t.device().type() == at::DeviceType::PrivateUse1, op, ": expected ", name,
+                " on the emulated CUDA device (simt or cpu), got ", t.device());
+    return;
+  }
+#endif
   TORCH_CHECK(t.device().type() == d, op, ": expected ", name, " on ", d, ", got ",
               t.device());
 }

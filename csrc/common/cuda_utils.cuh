@@ -6,11 +6,50 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
+
+#ifndef RETINA_FAST_SIMT
+#include <cassert>
+#endif
+
+// Spellings that let the same .cu files build for a GPU (nvcc) and for the CPU emulator of the
+// CUDA execution model (csrc/simt, -DRETINA_FAST_SIMT): there, shared arrays are allocated
+// per block (so AddressSanitizer guards each one), launches run on emulated threads and a
+// failed device-side assertion is raised by the launch check.
+//   RF_SHARED(T, name, [dims]);         __shared__ T name[dims];  (T without a top-level comma)
+//   RF_EXTERN_SHARED(T, name);          extern __shared__ T name[];
+//   RF_DEVICE_ASSERT(cond, "message");  a device-side assertion: the kernel traps on a GPU (the
+//                                       error surfaces at the next synchronisation, as torch's
+//                                       own index checks do), the launch check raises in simt
+#ifdef RETINA_FAST_SIMT
+#define RF_SHARED(T, name, ...) RF_SIMT_SHARED(T, name, __VA_ARGS__)
+#define RF_EXTERN_SHARED(T, name) RF_SIMT_EXTERN_SHARED(T, name)
+#define RF_DEVICE_ASSERT(cond, msg) RF_SIMT_DEVICE_ASSERT(cond, msg)
+#else
+#define RF_SHARED(T, name, ...) __shared__ T name __VA_ARGS__
+#define RF_EXTERN_SHARED(T, name) extern __shared__ T name[]
+#define RF_DEVICE_ASSERT(cond, msg)                                                         \
+  do {                                                                                      \
+    if (!(cond)) __assert_fail(msg " (" #cond ")", __FILE__, static_cast<unsigned>(__LINE__), \
+                               __func__);                                                   \
+  } while (0)
+#endif
 
 namespace retina_fast {
 namespace cuda {
 
 constexpr int kThreads = 256;
+
+// kernel<<<grid, block, shmem, stream>>>(args...) as a call, so the emulator can run it.
+#ifdef RETINA_FAST_SIMT
+using ::simt::launch;
+#else
+template <typename... KArgs, typename... Args>
+inline void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t shmem, cudaStream_t stream,
+                   Args&&... args) {
+  kernel<<<grid, block, shmem, stream>>>(std::forward<Args>(args)...);
+}
+#endif
 
 // Enough blocks to fill the device a few times over; grid-stride loops do the rest.
 inline int64_t grid_for(int64_t work_items, int threads = kThreads) {

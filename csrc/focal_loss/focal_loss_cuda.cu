@@ -81,6 +81,8 @@ struct LabelTarget {
   }
   __device__ __forceinline__ bool get(int64_t, acc_t& out, acc_t& tce, acc_t& w) const {
     const int64_t l = labels[r];
+    RF_DEVICE_ASSERT(l >= kIgnore && l < K, "retina_fast::sigmoid_focal_loss_labels: expected every label in [0, K) "
+                     "(foreground), -1 (background) or -2 (ignored)");
     out = l == c ? acc_t(1) : acc_t(0);
     tce = l == c ? pos : neg;
     w = weights ? weights[r] : acc_t(1);
@@ -95,7 +97,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ x, Target tgt, int64
                                Params<acc_type<scalar_t>> p, scalar_t* __restrict__ out,
                                acc_type<scalar_t>* __restrict__ partials) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ acc_t smem[32];
+  RF_SHARED(acc_t, smem, [32]);
   acc_t acc = 0;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   const int64_t i0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -123,7 +125,7 @@ __global__ void forward_dense_vec_kernel(const scalar_t* __restrict__ x,
                                          acc_type<scalar_t>* __restrict__ partials) {
   using acc_t = acc_type<scalar_t>;
   using P = cuda::Pack<scalar_t, kVec>;
-  __shared__ acc_t smem[32];
+  RF_SHARED(acc_t, smem, [32]);
   acc_t acc = 0;
   const int64_t nvec = n / kVec;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -157,7 +159,7 @@ template <typename acc_t, typename out_t>
 __global__ void finish_sum_kernel(const acc_t* __restrict__ partials, int64_t n,
                                   const int64_t* __restrict__ count, double divisor,
                                   out_t* __restrict__ out) {
-  __shared__ acc_t smem[32];
+  RF_SHARED(acc_t, smem, [32]);
   acc_t acc = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partials[i];
   acc = cuda::block_reduce_sum(acc, smem);
@@ -172,7 +174,7 @@ __global__ void finish_sum_kernel(const acc_t* __restrict__ partials, int64_t n,
 // Non-ignored rows (for the labels' mean).
 __global__ void count_valid_kernel(const int64_t* __restrict__ labels, int64_t n,
                                    unsigned long long* __restrict__ count) {
-  __shared__ unsigned long long smem[32];
+  RF_SHARED(unsigned long long, smem, [32]);
   unsigned long long c = 0;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
@@ -272,7 +274,7 @@ at::Tensor count_valid_rows(const at::Tensor& labels, cudaStream_t stream) {
   at::Tensor count = at::zeros({}, labels.options());
   const int64_t n = labels.numel();
   if (n == 0) return count;
-  count_valid_kernel<<<cuda::grid_for(n), kThreads, 0, stream>>>(
+  cuda::launch(count_valid_kernel, cuda::grid_for(n), kThreads, 0, stream,
       labels.const_data_ptr<int64_t>(), n,
       reinterpret_cast<unsigned long long*>(count.mutable_data_ptr<int64_t>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -310,10 +312,10 @@ at::Tensor launch_forward(const at::Tensor& x, const at::Tensor& t_dense, Target
   acc_t* pp = partials.numel() ? partials.mutable_data_ptr<acc_t>() : nullptr;
   RETINA_FAST_DISPATCH_GAMMA(kind, G, [&] {
     if (vec) {
-      forward_dense_vec_kernel<scalar_t, G><<<blocks, kThreads, 0, stream>>>(
+      cuda::launch(forward_dense_vec_kernel<scalar_t, G>, blocks, kThreads, 0, stream,
           x.const_data_ptr<scalar_t>(), t_dense.const_data_ptr<scalar_t>(), n, p, outp, pp);
     } else {
-      forward_kernel<scalar_t, G, Target><<<blocks, kThreads, 0, stream>>>(
+      cuda::launch(forward_kernel<scalar_t, G, Target>, blocks, kThreads, 0, stream,
           x.const_data_ptr<scalar_t>(), tgt, n, p, outp, pp);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -330,7 +332,7 @@ at::Tensor launch_forward(const at::Tensor& x, const at::Tensor& t_dense, Target
       divisor = double(n);  // n == 0: 0 / 0 = NaN, as torch.mean of nothing
     }
   }
-  finish_sum_kernel<acc_t, acc_t><<<1, 1024, 0, stream>>>(
+  cuda::launch(finish_sum_kernel<acc_t, acc_t>, 1, 1024, 0, stream,
       pp, blocks, count.defined() ? count.const_data_ptr<int64_t>() : nullptr,
       reduction == kMean ? divisor : 1.0, result.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -373,11 +375,11 @@ at::Tensor launch_backward(const at::Tensor& grad, const at::Tensor& x, const at
   const int64_t blocks = cuda::grid_for(vec ? std::max<int64_t>(n / kVec, n % kVec) : n);
   RETINA_FAST_DISPATCH_GAMMA(kind, G, [&] {
     if (vec) {
-      backward_dense_vec_kernel<scalar_t, G><<<blocks, kThreads, 0, stream>>>(
+      cuda::launch(backward_dense_vec_kernel<scalar_t, G>, blocks, kThreads, 0, stream,
           x.const_data_ptr<scalar_t>(), t_dense.const_data_ptr<scalar_t>(), n, p, gp, gsp,
           div, gin.mutable_data_ptr<scalar_t>());
     } else {
-      backward_kernel<scalar_t, G, Target><<<blocks, kThreads, 0, stream>>>(
+      cuda::launch(backward_kernel<scalar_t, G, Target>, blocks, kThreads, 0, stream,
           x.const_data_ptr<scalar_t>(), tgt, n, p, gp, gsp,
           count.defined() ? count.const_data_ptr<int64_t>() : nullptr, div,
           gin.mutable_data_ptr<scalar_t>());
@@ -445,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor> dense_backward_with_targets_cuda(
     else gs = grad.reshape({}).to(c10::CppTypeToScalarType<acc_t>::value);
     const double div = reduction == kMean ? double(n) : 1.0;
     RETINA_FAST_DISPATCH_GAMMA(gamma_kind(gamma), G, [&] {
-      backward_both_kernel<scalar_t, G><<<cuda::grid_for(n), kThreads, 0, stream>>>(
+      cuda::launch(backward_both_kernel<scalar_t, G>, cuda::grid_for(n), kThreads, 0, stream,
           x.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), n, p,
           g.defined() ? g.const_data_ptr<scalar_t>() : nullptr, gs.defined() ? gs.const_data_ptr<acc_t>() : nullptr,
           div, gx.mutable_data_ptr<scalar_t>(), gt.mutable_data_ptr<scalar_t>());
@@ -466,7 +468,7 @@ __global__ void forward_grad_kernel(const scalar_t* __restrict__ x, Target tgt, 
                                     double div, scalar_t* __restrict__ gin,
                                     acc_type<scalar_t>* __restrict__ partials) {
   using acc_t = acc_type<scalar_t>;
-  __shared__ acc_t smem[32];
+  RF_SHARED(acc_t, smem, [32]);
   const acc_t s = acc_t(1.0 / (count ? double(*count) * div : div));
   acc_t acc = 0;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -513,13 +515,13 @@ std::tuple<at::Tensor, at::Tensor> launch_forward_grad(const at::Tensor& x, Targ
   at::Tensor result = at::empty({}, partials.options());
   if (n > 0) {
     RETINA_FAST_DISPATCH_GAMMA(gamma_kind(gamma), G, [&] {
-      forward_grad_kernel<scalar_t, G, Target><<<blocks, kThreads, 0, stream>>>(
+      cuda::launch(forward_grad_kernel<scalar_t, G, Target>, blocks, kThreads, 0, stream,
           x.const_data_ptr<scalar_t>(), tgt, n, p, cp, divisor, gin.mutable_data_ptr<scalar_t>(),
           partials.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  finish_sum_kernel<acc_t, acc_t><<<1, 1024, 0, stream>>>(
+  cuda::launch(finish_sum_kernel<acc_t, acc_t>, 1, 1024, 0, stream,
       partials.const_data_ptr<acc_t>(), n > 0 ? blocks : 0, cp, reduction == kMean ? divisor : 1.0,
       result.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

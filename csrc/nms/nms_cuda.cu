@@ -209,8 +209,8 @@ __global__ void __launch_bounds__(kBlock) mask_kernel(const F* __restrict__ boxe
                                                       const int64_t* __restrict__ seg_end,
                                                       Groups grp, int64_t total_tiles, F thr,
                                                       uint64_t* __restrict__ mask) {
-  __shared__ F sb[kBlock * 4];
-  __shared__ F sa[kBlock];
+  RF_SHARED(F, sb, [kBlock * 4]);
+  RF_SHARED(F, sa, [kBlock]);
   const int t = threadIdx.x;
   for (int64_t tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
     int64_t lt;
@@ -292,7 +292,7 @@ __global__ void scan_warp_kernel(const uint64_t* __restrict__ mask, const int64_
 __global__ void scan_block_kernel(const uint64_t* __restrict__ mask, const int64_t* __restrict__ seg_end,
                                   Groups grp, int64_t max_nb, uint64_t* __restrict__ scratch,
                                   uint8_t* __restrict__ keep) {
-  extern __shared__ uint64_t removed_shared[];
+  RF_EXTERN_SHARED(uint64_t, removed_shared);
   uint64_t* removed = scratch ? scratch + int64_t(blockIdx.x) * max_nb : removed_shared;
   const int tid = threadIdx.x;
   for (int64_t g = blockIdx.x; g < grp.G; g += gridDim.x) {
@@ -332,12 +332,12 @@ void mask_and_scan(const F* boxes, const F* areas, const int64_t* seg_end, const
   if (total_tiles > 0) {
     const F thr = iou_threshold_as<F>(thr_d);
     const int64_t blocks = std::min<int64_t>(total_tiles, int64_t(1) << 20);
-    mask_kernel<F><<<blocks, kBlock, 0, stream>>>(boxes, areas, seg_end, grp, total_tiles, thr, mp);
+    cuda::launch(mask_kernel<F>, blocks, kBlock, 0, stream, boxes, areas, seg_end, grp, total_tiles, thr, mp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const int threads = cuda::kThreads;
   const int64_t warp_blocks = std::min<int64_t>(div_up(grp.G, threads / 32), 8192);
-  scan_warp_kernel<<<warp_blocks, threads, 0, stream>>>(mp, seg_end, grp, keep);
+  cuda::launch(scan_warp_kernel, warp_blocks, threads, 0, stream, mp, seg_end, grp, keep);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t max_nb = nblocks_of(max_len);
   if (max_nb > 32) {
@@ -349,7 +349,7 @@ void mask_and_scan(const F* boxes, const F* areas, const int64_t* seg_end, const
       scratch = at::empty({blocks * max_nb}, like.options().dtype(at::kLong));
       sp = reinterpret_cast<uint64_t*>(scratch.mutable_data_ptr<int64_t>());
     }
-    scan_block_kernel<<<blocks, threads, sp ? 0 : size_t(shared), stream>>>(mp, seg_end, grp, max_nb, sp, keep);
+    cuda::launch(scan_block_kernel, blocks, threads, sp ? 0 : size_t(shared), stream, mp, seg_end, grp, max_nb, sp, keep);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -477,7 +477,7 @@ std::tuple<Tensor, Tensor> multi_impl(const Tensor& boxes, const Tensor& scores,
   Tensor iota = at::empty({n}, iopt), score_perm = at::empty({n}, iopt);
   key_t* kp = reinterpret_cast<key_t*>(keys.data_ptr());
   key_t* ksp = reinterpret_cast<key_t*>(keys_s.data_ptr());
-  score_keys_kernel<score_t, key_t><<<grid, threads, 0, stream>>>(
+  cuda::launch(score_keys_kernel<score_t, key_t>, grid, threads, 0, stream,
       scores.const_data_ptr<score_t>(), n, kp, iota.mutable_data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   sort_pairs(kp, ksp, iota.const_data_ptr<int32_t>(), score_perm.mutable_data_ptr<int32_t>(), n, stream, boxes);
@@ -513,20 +513,20 @@ std::tuple<Tensor, Tensor> multi_impl(const Tensor& boxes, const Tensor& scores,
     int64_t *len = start + n + 1, *word_off = len + n, *tile_off = word_off + n, *words = tile_off + n,
             *tiles = words + n;
     int64_t* st = stats.mutable_data_ptr<int64_t>();
-    heads_kernel<<<grid, threads, 0, stream>>>(cls_s.const_data_ptr<int64_t>(),
+    cuda::launch(heads_kernel, grid, threads, 0, stream, cls_s.const_data_ptr<int64_t>(),
                                               img_s.defined() ? img_s.const_data_ptr<int64_t>() : nullptr,
                                               img.defined() ? img.const_data_ptr<int64_t>() : nullptr, n, B,
                                               head.mutable_data_ptr<int64_t>(), st);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     inclusive_sum(head.const_data_ptr<int64_t>(), seg.mutable_data_ptr<int64_t>(), n, stream, boxes);
-    starts_kernel<<<grid, threads, 0, stream>>>(head.const_data_ptr<int64_t>(), seg.const_data_ptr<int64_t>(), n,
+    cuda::launch(starts_kernel, grid, threads, 0, stream, head.const_data_ptr<int64_t>(), seg.const_data_ptr<int64_t>(), n,
                                                start, st);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    group_sizes_kernel<<<grid, threads, 0, stream>>>(start, n, len, words, tiles, st);
+    cuda::launch(group_sizes_kernel, grid, threads, 0, stream, start, n, len, words, tiles, st);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     exclusive_sum(words, word_off, n, stream, boxes);
     exclusive_sum(tiles, tile_off, n, stream, boxes);
-    totals_kernel<<<1, 1, 0, stream>>>(words, word_off, tiles, tile_off, n, st);
+    cuda::launch(totals_kernel, 1, 1, 0, stream, words, word_off, tiles, tile_off, n, st);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const Tensor h = stats.cpu();  // the sync that sizes the mask
     const int64_t* hs = h.const_data_ptr<int64_t>();
@@ -547,7 +547,7 @@ std::tuple<Tensor, Tensor> multi_impl(const Tensor& boxes, const Tensor& scores,
   // 3. boxes in processing order, mask, scan
   const auto fopt = boxes.options().dtype(c10::CppTypeToScalarType<F>::value);
   Tensor sb = at::empty({n, 4}, fopt), sa = at::empty({n}, fopt);
-  gather_boxes_kernel<scalar_t, F, int32_t><<<grid, threads, 0, stream>>>(
+  cuda::launch(gather_boxes_kernel<scalar_t, F, int32_t>, grid, threads, 0, stream,
       boxes.const_data_ptr<scalar_t>(), perm.const_data_ptr<int32_t>(), n, sb.mutable_data_ptr<F>(),
       sa.mutable_data_ptr<F>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -557,12 +557,12 @@ std::tuple<Tensor, Tensor> multi_impl(const Tensor& boxes, const Tensor& scores,
 
   // 4. kept boxes per image in score order
   Tensor keep_orig = at::empty({n}, byte_opts(boxes));
-  scatter_keep_kernel<<<grid, threads, 0, stream>>>(keep.const_data_ptr<uint8_t>(), perm.const_data_ptr<int32_t>(),
+  cuda::launch(scatter_keep_kernel, grid, threads, 0, stream, keep.const_data_ptr<uint8_t>(), perm.const_data_ptr<int32_t>(),
                                                     n, keep_orig.mutable_data_ptr<uint8_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   Tensor counts = at::zeros({B}, lopt);
   Tensor ikey = at::empty({n}, lopt), ikey_s = at::empty({n}, lopt), final_idx = at::empty({n}, iopt);
-  image_key_kernel<<<grid, threads, 0, stream>>>(
+  cuda::launch(image_key_kernel, grid, threads, 0, stream,
       keep_orig.const_data_ptr<uint8_t>(), score_perm.const_data_ptr<int32_t>(),
       img.defined() ? img.const_data_ptr<int64_t>() : nullptr, n, B, ikey.mutable_data_ptr<int64_t>(),
       counts.mutable_data_ptr<int64_t>());
@@ -574,7 +574,7 @@ std::tuple<Tensor, Tensor> multi_impl(const Tensor& boxes, const Tensor& scores,
   const int64_t W = max_per_image >= 0 ? max_per_image : (B > 0 ? counts.max().item<int64_t>() : 0);
   Tensor out = at::full({B, W}, -1, lopt);
   if (n > 0 && B > 0 && W > 0) {
-    write_keep_kernel<<<grid, threads, 0, stream>>>(ikey_s.const_data_ptr<int64_t>(), final_idx.const_data_ptr<int32_t>(),
+    cuda::launch(write_keep_kernel, grid, threads, 0, stream, ikey_s.const_data_ptr<int64_t>(), final_idx.const_data_ptr<int32_t>(),
                                                     offsets.const_data_ptr<int64_t>(), n, B, W,
                                                     out.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -776,7 +776,7 @@ __global__ void __launch_bounds__(kSelThreads) sel_hist_kernel(
     const scalar_t* __restrict__ logits, int64_t row, SelGroup g, int64_t b0, int64_t nb, scalar_t thresh,
     const SelState* __restrict__ st, uint32_t* __restrict__ hist, int word, int shift, int width,
     uint64_t mhi, uint32_t mlo) {
-  __shared__ uint32_t h[kSelBins];
+  RF_SHARED(uint32_t, h, [kSelBins]);
   const uint32_t dmask = (1u << width) - 1u;
   const int64_t total = nb * g.blk[g.n];
   for (int64_t v = blockIdx.x; v < total; v += gridDim.x) {
@@ -815,7 +815,7 @@ __global__ void __launch_bounds__(kSelThreads) sel_resolve_kernel(
     SelGroup g, int64_t b0, int64_t nb, SelState* __restrict__ st, uint32_t* __restrict__ hist, bool first,
     int word, int shift) {
   using BlockScan = cub::BlockScan<int64_t, kSelThreads>;
-  __shared__ typename BlockScan::TempStorage tmp;
+  RF_SHARED(typename BlockScan::TempStorage, tmp, );
   constexpr int kPer = kSelBins / kSelThreads;
   static_assert(kPer * kSelThreads == kSelBins, "bins per thread");
   const int64_t total = nb * g.n;
@@ -1066,7 +1066,7 @@ __global__ void write_dets_kernel(const uint32_t* __restrict__ rank_keys, const 
                                   const scalar_t* __restrict__ cscores, const int64_t* __restrict__ clabels,
                                   scalar_t* __restrict__ boxes, scalar_t* __restrict__ scores,
                                   int64_t* __restrict__ labels, int64_t* __restrict__ counts) {
-  __shared__ int64_t shared[32];
+  RF_SHARED(int64_t, shared, [32]);
   const int64_t b = blockIdx.x;
   int64_t cnt = 0;
   for (int64_t d = threadIdx.x; d < C; d += blockDim.x) {
@@ -1168,9 +1168,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> postprocess_impl(
   const int64_t max_grid = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
   const scalar_t* xp = logits.const_data_ptr<scalar_t>();
   for (const SelGroup& g : groups) {
-    sel_init_kernel<<<cuda::grid_for(B * g.n), threads, 0, stream>>>(g, B, none, stp, thresh_cut);
+    cuda::launch(sel_init_kernel, cuda::grid_for(B * g.n), threads, 0, stream, g, B, none, stp, thresh_cut);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    sel_offsets_kernel<<<cuda::grid_for(B * g.n), threads, 0, stream>>>(g, B, L, C, seg_begin, seg_end_off);
+    cuda::launch(sel_offsets_kernel, cuda::grid_for(B * g.n), threads, 0, stream, g, B, L, C, seg_begin, seg_end_off);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (g.blk[g.n] == 0) continue;
     for (int64_t b0 = 0; b0 < B; b0 += nb_max) {
@@ -1180,15 +1180,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> postprocess_impl(
         const int64_t rgrid = std::min<int64_t>(nb * g.n, max_grid);
         for (size_t p = 0; p < passes.size(); ++p) {
           const SelPass& ps = passes[p];
-          sel_hist_kernel<scalar_t><<<grid, kSelThreads, 0, stream>>>(xp, A * K, g, b0, nb, thresh, stp, hp, ps.word,
+          cuda::launch(sel_hist_kernel<scalar_t>, grid, kSelThreads, 0, stream, xp, A * K, g, b0, nb, thresh, stp, hp, ps.word,
                                                                      ps.shift, ps.width, ps.mhi, ps.mlo);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-          sel_resolve_kernel<scalar_t><<<rgrid, kSelThreads, 0, stream>>>(g, b0, nb, stp, hp, p == 0, ps.word,
+          cuda::launch(sel_resolve_kernel<scalar_t>, rgrid, kSelThreads, 0, stream, g, b0, nb, stp, hp, p == 0, ps.word,
                                                                          ps.shift);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       }
-      sel_write_kernel<scalar_t><<<grid, kSelThreads, 0, stream>>>(xp, A * K, g, b0, nb, thresh, stp, cnt, C, kp,
+      cuda::launch(sel_write_kernel<scalar_t>, grid, kSelThreads, 0, stream, xp, A * K, g, b0, nb, thresh, stp, cnt, C, kp,
                                                                   klp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -1215,7 +1215,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> postprocess_impl(
   for (const SelGroup& g : groups) {
     const int64_t cg = g.koff[g.n] - g.koff[0];
     if (cg == 0) continue;
-    sel_candidates_kernel<scalar_t><<<cuda::grid_for(B * cg), threads, 0, stream>>>(
+    cuda::launch(sel_candidates_kernel<scalar_t>, cuda::grid_for(B * cg), threads, 0, stream,
         sorted_hi, sorted_lo, g, B, C, reg.const_data_ptr<scalar_t>(), anchors.const_data_ptr<scalar_t>(),
         anchors.dim() == 2, sizes.const_data_ptr<int64_t>(), A, K, clip, valid.mutable_data_ptr<uint8_t>(),
         clabels.mutable_data_ptr<int64_t>(), cscores.mutable_data_ptr<scalar_t>(),
@@ -1232,7 +1232,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> postprocess_impl(
   Tensor iota = at::empty({n}, lopt.dtype(at::kInt)), score_perm = at::empty_like(iota), nms_perm = at::empty_like(iota);
   key_t* skp = reinterpret_cast<key_t*>(sk.data_ptr());
   key_t* sksp = reinterpret_cast<key_t*>(sks.data_ptr());
-  cand_score_keys_kernel<scalar_t, key_t><<<grid, threads, 0, stream>>>(
+  cuda::launch(cand_score_keys_kernel<scalar_t, key_t>, grid, threads, 0, stream,
       cscores.const_data_ptr<scalar_t>(), valid.const_data_ptr<uint8_t>(), n, skp, iota.mutable_data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   segmented_sort_pairs(skp, sksp, iota.const_data_ptr<int32_t>(), score_perm.mutable_data_ptr<int32_t>(), B, C,
@@ -1240,7 +1240,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> postprocess_impl(
   Tensor lk = at::empty({n}, lopt.dtype(at::kInt)), lks = at::empty_like(lk);
   uint32_t* lkp = reinterpret_cast<uint32_t*>(lk.data_ptr());
   uint32_t* lksp = reinterpret_cast<uint32_t*>(lks.data_ptr());
-  label_keys_kernel<<<grid, threads, 0, stream>>>(score_perm.const_data_ptr<int32_t>(), valid.const_data_ptr<uint8_t>(),
+  cuda::launch(label_keys_kernel, grid, threads, 0, stream, score_perm.const_data_ptr<int32_t>(), valid.const_data_ptr<uint8_t>(),
                                                   clabels.const_data_ptr<int64_t>(), n, lkp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   segmented_sort_pairs(lkp, lksp, score_perm.const_data_ptr<int32_t>(), nms_perm.mutable_data_ptr<int32_t>(), B, C,
@@ -1248,11 +1248,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> postprocess_impl(
 
   // 3. NMS, one chunk per image
   Tensor seg_end = at::empty({n}, lopt);
-  segment_end_kernel<<<grid, threads, 0, stream>>>(lksp, n, C, 0xFFFFFFFFu, seg_end.mutable_data_ptr<int64_t>());
+  cuda::launch(segment_end_kernel, grid, threads, 0, stream, lksp, n, C, 0xFFFFFFFFu, seg_end.mutable_data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto fopt = logits.options().dtype(c10::CppTypeToScalarType<F>::value);
   Tensor sb = at::empty({n, 4}, fopt), sa = at::empty({n}, fopt);
-  gather_boxes_kernel<scalar_t, F, int32_t><<<grid, threads, 0, stream>>>(
+  cuda::launch(gather_boxes_kernel<scalar_t, F, int32_t>, grid, threads, 0, stream,
       cboxes.const_data_ptr<scalar_t>(), nms_perm.const_data_ptr<int32_t>(), n, sb.mutable_data_ptr<F>(),
       sa.mutable_data_ptr<F>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1266,18 +1266,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> postprocess_impl(
 
   // 4. kept candidates first, in score order; the first D
   Tensor keep_cand = at::empty({n}, byte_opts(logits));
-  kept_keys_kernel<<<grid, threads, 0, stream>>>(keep.const_data_ptr<uint8_t>(), lksp,
+  cuda::launch(kept_keys_kernel, grid, threads, 0, stream, keep.const_data_ptr<uint8_t>(), lksp,
                                                  nms_perm.const_data_ptr<int32_t>(), n,
                                                  keep_cand.mutable_data_ptr<uint8_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   uint32_t* rk = lkp;  // reuse
-  rank_keys_kernel<<<grid, threads, 0, stream>>>(keep_cand.const_data_ptr<uint8_t>(),
+  cuda::launch(rank_keys_kernel, grid, threads, 0, stream, keep_cand.const_data_ptr<uint8_t>(),
                                                  score_perm.const_data_ptr<int32_t>(), n, rk);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   Tensor final_perm = iota;  // reuse
   segmented_sort_pairs(rk, lksp, score_perm.const_data_ptr<int32_t>(), final_perm.mutable_data_ptr<int32_t>(), B,
                        C, stream, logits, 1);
-  write_dets_kernel<scalar_t><<<B, cuda::kThreads, 0, stream>>>(
+  cuda::launch(write_dets_kernel<scalar_t>, B, cuda::kThreads, 0, stream,
       lksp, final_perm.const_data_ptr<int32_t>(), C, D, cboxes.const_data_ptr<scalar_t>(),
       cscores.const_data_ptr<scalar_t>(), clabels.const_data_ptr<int64_t>(), boxes_out.mutable_data_ptr<scalar_t>(),
       scores_out.mutable_data_ptr<scalar_t>(), labels_out.mutable_data_ptr<int64_t>(),
