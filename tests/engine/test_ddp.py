@@ -41,6 +41,7 @@ def _free_port():
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
+@pytest.mark.slow  # two processes under torchrun
 def test_two_process_gloo_matches_single_process(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
     ddp = load_checkpoint(str(tmp_path / "ddp" / "checkpoint.pt"))

@@ -60,6 +60,7 @@ class ForkServer:
         self.p.wait(timeout=60)
 
 
+@pytest.mark.slow  # 12 SIGKILL trials of a training process
 def test_sigkill_at_random_moments_never_loses_the_last_checkpoint(tmp_path):
     srv = ForkServer()
     try:
@@ -295,6 +296,7 @@ def _why(p):
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
+@pytest.mark.slow  # torchrun, two ranks, a kill and a restart
 def test_dead_rank_under_torchrun_restarts_from_the_last_checkpoint(tmp_path):
     """2 processes (gloo), --max-restarts 1: rank 1 is SIGKILLed mid-epoch (iteration 3, after the
     epoch-0 checkpoint); torchrun restarts both, they resume (--resume auto) and finish with the

@@ -13,6 +13,8 @@ import tempfile
 import time
 from collections import Counter
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CASE_TIMEOUT = 120.0  # seconds without progress: a hang (the first case also imports torch)
 
@@ -79,6 +81,7 @@ def _count(selftest=False):
     return int(out.stdout.strip())
 
 
+@pytest.mark.slow  # every public entry point x every bad input, in child processes
 def test_every_entry_point_rejects_every_bad_input_cleanly():
     n = _count()
     records = run_matrix(range(n))
