@@ -152,22 +152,25 @@ def multiclass_nms(
     cls = prediction[:, 4:4 + nc, :]  # [B, C, N] (a view; the box axis is the contiguous one)
     keep_class = None if classes is None else _class_mask(classes, nc, device)
 
+    # Boxes with any score above the threshold first (ultralytics' own first filter, so NaN
+    # scores act alike): one pass over the [B, C, N] scores, then work on those boxes only.
+    img, box = (cls.amax(1) > conf_thres).nonzero(as_tuple=True)  # [Mb]
+    sub = cls[img, :, box]  # [Mb, C]: the candidate boxes' scores
     if multi_label:
-        # (image, box, class) of every score above the threshold, in row-major (box, class)
-        # order, as ultralytics' torch.where(cls > conf_thres) lists them per image.
-        above = cls.transpose(1, 2) > conf_thres  # [B, N, C]
+        # every (box, class) above the threshold, in row-major (box, class) order, as
+        # ultralytics' torch.where(cls > conf_thres) lists them per image
+        above = sub > conf_thres
         if keep_class is not None:
             above &= keep_class
-        img, box, label = above.nonzero(as_tuple=True)
-        scores = cls[img, label, box]
+        row, label = above.nonzero(as_tuple=True)
+        scores = sub[row, label]
+        img, box = img[row], box[row]
     else:
-        conf, best = cls.max(1)  # [B, N]: each box's best class (first index on ties, as ultralytics)
-        above = conf > conf_thres
+        scores, label = sub.max(1)  # each box's best class (first index on ties, as ultralytics)
+        take = scores > conf_thres
         if keep_class is not None:
-            above &= keep_class[best]
-        img, box = above.nonzero(as_tuple=True)
-        scores = conf[img, box]
-        label = best[img, box]
+            take &= keep_class[label]
+        img, box, label, scores = img[take], box[take], label[take], scores[take]
 
     capped = _cap_per_image(img, scores, B, int(max_nms))
     if capped is not None:
