@@ -25,8 +25,9 @@ Every benchmark first checks, once, that ours equals ultralytics' result up to i
 trick's rounding: the same number of rows per image, within 1 row in 100 (the offset changes
 a few decisions at IoUs near the threshold; tests/ops/test_multiclass_nms.py checks exactness).
 
-The sweep runs both interleaved round by round in one process (ratios of neighbouring rounds:
-a machine shared with other work slows both alike) and prints a Markdown table.
+The sweep runs both interleaved round by round in one process, each round at least 50 ms of
+repeated calls (ratios of neighbouring rounds: a machine shared with other work slows both
+alike), and prints a Markdown table.
 """
 
 import argparse
@@ -176,15 +177,21 @@ def sweep(settings, densities, rounds, device="cpu"):
             fns = _fns(U, pred, conf, iou, ml)
             assert_matches_ultralytics(fns["retina_fast"](), U, pred, conf, iou, ml)
             times = {k: [] for k in fns}
+            reps = {}
+            for k, f in fns.items():  # calls per round: a round lasts >= 50 ms (short cases are noisy)
+                t0 = time.perf_counter()
+                f()
+                reps[k] = max(1, int(0.05 / max(time.perf_counter() - t0, 1e-6)))
             for _ in range(rounds):
                 for k, f in fns.items():
                     if device == "cuda":
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    f()
+                    for _ in range(reps[k]):
+                        f()
                     if device == "cuda":
                         torch.cuda.synchronize()
-                    times[k].append(time.perf_counter() - t0)
+                    times[k].append((time.perf_counter() - t0) / reps[k])
             ours, theirs = median(times["retina_fast"]), median(times["ultralytics"])
             paired = median(t / o for o, t in zip(times["retina_fast"], times["ultralytics"]))
             limit = 2.0 + 0.05 * B
