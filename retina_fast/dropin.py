@@ -95,6 +95,12 @@ def patch_torchvision_ops() -> torchvision_ops_patched:
     the patch keeps torchvision's ``box_iou`` for its anchor matching (bitwise the same
     result), and one built while patched keeps ours after :func:`unpatch_torchvision_ops`.
 
+    TorchScript: ``torch.jit.script`` of a model while the ops are patched compiles ours into
+    it, and the scripted model keeps them after :func:`unpatch_torchvision_ops`. TorchScript
+    compiles each class once per process and caches it, so the switch's state at the first
+    scripting of a torchvision detection class (``RegionProposalNetwork``, ``RoIHeads``, ...)
+    decides for every model of that class scripted later in the process.
+
     Idempotent. Returns a context manager: ``with retina_fast.patch_torchvision_ops(): ...``
     restores torchvision's ops at the end of the block.
     """

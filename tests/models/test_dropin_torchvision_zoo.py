@@ -189,3 +189,44 @@ def test_patched_ops_keep_torchvision_semantics_on_bad_input():
             torchvision.ops.sigmoid_focal_loss(torch.zeros(3), torch.zeros(3), reduction="avg")
         # torchvision's tests call batched_nms on empty input with None for the rest
         assert box_ops.batched_nms(torch.empty((0,)), None, None, None).shape == (0,)
+
+
+_SCRIPT_RUN = r"""
+import sys, torch, retina_fast
+from tests.models.test_dropin_torchvision_zoo import D, _batch_statistics, images_and_targets
+patched, out = sys.argv[1] == "1", sys.argv[2]
+torch.manual_seed(0)  # the same random weights in both processes
+model = _batch_statistics(D.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None,
+                                                                  box_score_thresh=0.0).eval())
+if patched:
+    retina_fast.patch_torchvision_ops()
+scripted = torch.jit.script(model)
+retina_fast.unpatch_torchvision_ops()
+images, _ = images_and_targets("fasterrcnn")
+with torch.no_grad():
+    _, det = scripted(images)
+torch.save({"det": det, "graph_has_ours": "retina_fast::batched_nms" in str(scripted.rpn.inlined_graph)}, out)
+"""
+
+
+def test_torchscript_while_patched(tmp_path):
+    """torch.jit.script of a detection model while the switch is on compiles our ops into it and
+    gives what the model scripted without the switch gives. Each in a fresh process:
+    TorchScript compiles a class once per process and caches it, so the switch's state at the
+    first scripting of, say, RegionProposalNetwork is what every later scripted model of that
+    class in the process gets (and a scripted model keeps its ops after unpatching)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = {}
+    for flag in ("0", "1"):
+        out = str(tmp_path / f"det{flag}.pt")
+        p = subprocess.run([sys.executable, "-c", _SCRIPT_RUN, flag, out], cwd=root, env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        res[flag] = torch.load(out, weights_only=True)
+    assert res["1"]["graph_has_ours"] and not res["0"]["graph_has_ours"]
+    assert_same_detections(res["1"]["det"], res["0"]["det"])
