@@ -48,10 +48,15 @@ except ImportError as _e:
         raise
     kernel_load_error = _e
 
-__all__ = ["ops", "cuda_built", "cpu_isa", "empty_cpu_cache", "patch_torchvision", "unpatch_torchvision", "patched_torchvision", "__version__"]
+__all__ = ["ops", "cuda_built", "cpu_isa", "empty_cpu_cache", "patch_torchvision", "unpatch_torchvision", "patched_torchvision",
+           "patch_torchvision_ops", "unpatch_torchvision_ops", "patch_effdet", "unpatch_effdet", "patch_ultralytics",
+           "unpatch_ultralytics", "__version__"]
 
 
 _LAZY = {"patch_torchvision", "unpatch_torchvision", "patched_torchvision"}
+# Drop-ins for other detectors' code (retina_fast/dropin.py; never imports ultralytics or effdet).
+_LAZY_DROPIN = {"patch_torchvision_ops", "unpatch_torchvision_ops", "patch_effdet", "unpatch_effdet",
+                "patch_ultralytics", "unpatch_ultralytics"}
 
 
 def __getattr__(name):
@@ -60,4 +65,8 @@ def __getattr__(name):
         from retina_fast import patch
 
         return getattr(patch, name)
+    if name in _LAZY_DROPIN:
+        from retina_fast import dropin
+
+        return getattr(dropin, name)
     raise AttributeError(f"module 'retina_fast' has no attribute {name!r}")

@@ -16,13 +16,15 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import torch, torchvision, numpy, pycocotools, PIL, matplotlib, tqdm, yaml, tensorboard, pytest, pytest_benchmark, expecttest, faster_coco_eval, ninja, build, hypothesis, onnx, onnxruntime, onnxscript" 2>/dev/null; then
+# (YOLO_OFFLINE: importing ultralytics probes the network otherwise)
+if ! YOLO_OFFLINE=1 "$VENV/bin/python" -c "import torch, torchvision, numpy, pycocotools, PIL, matplotlib, tqdm, yaml, tensorboard, pytest, pytest_benchmark, expecttest, faster_coco_eval, ninja, build, hypothesis, onnx, onnxruntime, onnxscript, ultralytics, effdet" 2>/dev/null; then
   echo "== installing $TORCH_SPEC and dependencies"
   "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install -q $TORCH_SPEC numpy \
       pycocotools pillow matplotlib tqdm pyyaml tensorboard \
-      pytest pytest-benchmark expecttest faster-coco-eval ninja build hypothesis onnx onnxruntime onnxscript
+      pytest pytest-benchmark expecttest faster-coco-eval ninja build hypothesis onnx onnxruntime onnxscript \
+      ultralytics==8.4.190 effdet==0.4.1
 fi
 
 echo "== building the extension (FORCE_CUDA=${FORCE_CUDA:-auto}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})"

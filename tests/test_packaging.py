@@ -161,7 +161,7 @@ def test_checkout_wheel_metadata(tree, tmp_path):
     (meta,) = _wheel_metadata(tree, str(tmp_path))
     assert meta["Version"] == _version.build_version(torch.__version__, None)  # FORCE_CUDA=0
     assert _run_deps(meta) == [f"torch=={SERIES}.*", "torchvision>=0.26", "numpy"]
-    assert set(meta.get_all("Provides-Extra")) == {"cli", "export", "test"}
+    assert set(meta.get_all("Provides-Extra")) == {"cli", "export", "oracles", "test"}
     assert meta["License-Expression"] == "BSD-3-Clause" and meta["Requires-Python"] == ">=3.10"
     assert "The fastest correct RetinaNet" in meta.get_payload()  # the README is the description
 

@@ -116,6 +116,7 @@ HOST_DEVICE_INLINE void fused_span(const float* x, const float* t, float tc, flo
     case Gamma::Two: span<Gamma::Two>(__VA_ARGS__); break;                \
     case Gamma::Zero: span<Gamma::Zero>(__VA_ARGS__); break;              \
     case Gamma::One: span<Gamma::One>(__VA_ARGS__); break;                \
+    case Gamma::OneAndHalf: span<Gamma::OneAndHalf>(__VA_ARGS__); break;  \
     default: span<Gamma::General>(__VA_ARGS__); break;                    \
   }
 

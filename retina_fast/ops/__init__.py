@@ -13,6 +13,7 @@ from retina_fast.ops.boxes import (
     matched_targets,
 )
 from retina_fast.ops.focal_loss import sigmoid_focal_loss, sigmoid_focal_loss_labels
+from retina_fast.ops.multiclass_nms import multiclass_nms
 from retina_fast.ops.nms import (
     batched_nms,
     batched_nms_multi,
@@ -37,4 +38,5 @@ __all__ = [
     "batched_nms_multi",
     "postprocess_detections",
     "postprocess_detections_padded",
+    "multiclass_nms",
 ]
