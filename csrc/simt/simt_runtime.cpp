@@ -408,17 +408,20 @@ bool resolve_warp(Executor& ex, unsigned base, unsigned lanes) {
   return any;
 }
 
-// The next ready lane of t's warp after t in the schedule's order (nullptr if none).
-ThreadCtx* next_ready_lane(Executor& ex, const ThreadCtx* t) {
-  const unsigned base = t->linear & ~31u, lanes = std::min(32u, ex.n - base), me = t->linear - base;
+// A ready lane of the warp at `base`, in the schedule's order after lane `me` (me < 0: the
+// first in that order; a shuffled schedule picks any); nullptr if none.
+ThreadCtx* pick_ready(Executor& ex, unsigned base, unsigned lanes, int me) {
   if (ex.sched == kScheduleShuffle) {
     unsigned cand[32], k = 0;
     for (unsigned l = 0; l < lanes; ++l)
       if (ex.fibers[base + l]->st == kReady) cand[k++] = l;
     return k ? ex.fibers[base + cand[next_rand(ex.rng) % k]] : nullptr;
   }
-  for (unsigned i = 1; i < lanes; ++i) {
-    const unsigned l = ex.sched == kScheduleReverse ? (me + lanes - i) % lanes : (me + i) % lanes;
+  const bool rev = ex.sched == kScheduleReverse;
+  const unsigned start = me < 0 ? (rev ? 0u : lanes - 1) : unsigned(me);  // the lane "before" the first
+  for (unsigned i = 1; i <= lanes; ++i) {
+    const unsigned l = rev ? (start + lanes - i) % lanes : (start + i) % lanes;
+    if (me >= 0 && l == unsigned(me)) break;
     if (ex.fibers[base + l]->st == kReady) return ex.fibers[base + l];
   }
   return nullptr;
@@ -430,9 +433,10 @@ ThreadCtx* next_ready_lane(Executor& ex, const ThreadCtx* t) {
 void hand_over(Executor& ex, ThreadCtx* t) {
   const unsigned base = t->linear & ~31u;
   for (;;) {
-    if (ThreadCtx* next = next_ready_lane(ex, t)) {
+    const unsigned lanes = std::min(32u, ex.n - base);
+    if (ThreadCtx* next = pick_ready(ex, base, lanes, int(t->linear - base))) {
       switch_fiber(ex, t, next);
-    } else if (t->st == kAtWarp && resolve_warp(ex, base, std::min(32u, ex.n - base))) {
+    } else if (t->st == kAtWarp && resolve_warp(ex, base, lanes)) {
       // resolved: t (if its collective was the one) goes on without a switch
     } else {
       yield(ex, t);
@@ -479,19 +483,7 @@ void run_block(Executor& ex, unsigned n) {
       // Start the warp at a ready lane; its lanes hand over to each other (hand_over) until
       // none is ready, then control comes back here.
       for (;;) {
-        ThreadCtx* first = nullptr;
-        if (sched == kScheduleShuffle) {
-          unsigned cand[32], k = 0;
-          for (unsigned l = 0; l < lanes; ++l)
-            if (ex.fibers[base + l]->st == kReady) cand[k++] = l;
-          if (k) first = ex.fibers[base + cand[next_rand(ex.rng) % k]];
-        } else {
-          for (unsigned i = 0; i < lanes && !first; ++i) {
-            ThreadCtx* t = ex.fibers[base + (sched == kScheduleReverse ? lanes - 1 - i : i)];
-            if (t->st == kReady) first = t;
-          }
-        }
-        if (first) {
+        if (ThreadCtx* first = pick_ready(ex, base, lanes, -1)) {
           switch_to(ex, first);
           progress = true;
           continue;
