@@ -1,8 +1,9 @@
-"""torch.compile with the default (inductor) backend on the CPU, fullgraph, for every op (matched_box_loss too): the
-fake kernels, autograd registrations and schemas must hold up in a real compiled graph, where
-the other compile tests only use the eager/aot_eager backends. Each compiled function mixes our
-ops with ordinary aten ops (which inductor fuses into generated C++) and is compared with eager.
-The eval model under inductor: tests/models/test_compile_inductor.py."""
+"""torch.compile with the default (inductor) backend on the CPU, fullgraph, for every op
+(matched_box_loss included): the fake kernels, autograd registrations and schemas must hold up
+in a real compiled graph, where the other compile tests only use the eager/aot_eager backends.
+Each compiled function mixes our ops with ordinary aten ops (which inductor fuses into
+generated C++) and is compared with eager. The eval model under inductor:
+tests/models/test_compile_inductor.py."""
 
 import pytest
 import torch
