@@ -49,6 +49,7 @@ from torchvision.ops import box_iou
 
 import retina_fast.ops as R
 from benchmarks import quick
+from tests.detections import assert_same_detections, assert_same_keep
 from retina_fast.ops import _reference as ref
 
 HAS_CUDA = torch.cuda.is_available()
@@ -98,7 +99,8 @@ def test_nms(benchmark, n, impl, device):
     b, s = b.to(device), s.to(device)
     fn = {"retina_fast": R.nms, "torchvision": torchvision.ops.nms, "reference": ref.nms}[impl]
     benchmark.group = f"nms N={n} {device}"
-    _run(benchmark, lambda: fn(b, s, 0.5), device, rounds=3 if impl == "reference" else 20)
+    out = _run(benchmark, lambda: fn(b, s, 0.5), device, rounds=3 if impl == "reference" else 20)
+    assert_same_keep(out, torchvision.ops.nms(b, s, 0.5), s)  # what is timed is torchvision's nms
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -113,7 +115,8 @@ def test_batched_nms_80_classes(benchmark, n, impl, device):
     b, s, i = b.to(device), s.to(device), i.to(device)
     fn = {"retina_fast": R.batched_nms, "torchvision": torchvision.ops.batched_nms, "reference": ref.batched_nms}[impl]
     benchmark.group = f"batched_nms 80 classes N={n} {device}"
-    _run(benchmark, lambda: fn(b, s, i, 0.5), device, rounds=3 if impl == "reference" else 20)
+    out = _run(benchmark, lambda: fn(b, s, i, 0.5), device, rounds=3 if impl == "reference" else 20)
+    assert_same_keep(out, torchvision.ops.batched_nms(b, s, i, 0.5), s)
 
 
 _LEVELS_HW = [100, 50, 25, 13, 7]  # 800 px, strides 8..128 (800 // 13 = 61 as torchvision computes)
@@ -181,7 +184,12 @@ def test_postprocess(benchmark, tv_model, B, impl, device):
     else:
         fn = lambda: ref.postprocess_detections(logits, reg, anchors, sizes, levels)  # noqa: E731
     with torch.no_grad():
-        _run(benchmark, fn, device, rounds=3 if impl == "reference" else 10)
+        out = _run(benchmark, fn, device, rounds=3 if impl == "reference" else 10)
+        if impl != "torchvision":  # the detections torchvision's post-processing gives (tie-tolerant)
+            split = {"cls_logits": list(logits.split(levels, 1)), "bbox_regression": list(reg.split(levels, 1))}
+            want = tv_model.postprocess_detections(split, [list(anchors.split(levels))] * B, sizes)
+            assert sum(len(d["scores"]) for d in want) > 0
+            assert_same_detections(out, want, box_atol=1e-4, box_rtol=2e-6)
 
 
 # ------------------------------------------------------------------------------ score density sweep

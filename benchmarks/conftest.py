@@ -11,3 +11,11 @@ def pytest_configure(config):
     if config.getoption("benchmark_disable", default=False):
         os.environ["RF_BENCH_QUICK"] = "1"  # read by benchmarks.quick(), also in the subprocesses
         os.environ.setdefault("COCOEVAL_BENCH_IMAGES", "100")
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """No meaningless figure in a results file: an untimed benchmark (benchmarks.record_untimed)
+    keeps its extra_info, and loses the stats of its empty placeholder call."""
+    for b in output_json.get("benchmarks", []):
+        if (b.get("extra_info") or {}).get("untimed"):
+            b["stats"] = None

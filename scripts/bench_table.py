@@ -32,13 +32,17 @@ def main(path):
         # the baseline: torchvision's implementation (pycocotools for COCOeval)
         tv = [b for b in benches if "torchvision" in impl_name(b)] or \
             [b for b in benches if impl_name(b) == "pycocotools"]
-        tv_med = tv[0]["stats"]["median"] if tv else None
-        for b in sorted(benches, key=lambda b: b["stats"]["median"]):
+        tv_med = tv[0]["stats"]["median"] if tv and tv[0].get("stats") else None
+        # untimed entries (benchmarks.record_untimed: stats null) last, their figures in extra_info
+        for b in sorted(benches, key=lambda b: b["stats"]["median"] if b.get("stats") else float("inf")):
             extra = b.get("extra_info", {})
             peak = {k: v for k, v in extra.items() if k.startswith("peak_extra_MB_")}
             if peak:  # one benchmark that measured every implementation's memory
                 for k, v in peak.items():
                     print(f"| {g} | {k[len('peak_extra_MB_'):]} | | | {v:.1f} MB ({extra.get('method', '')}) |")
+                continue
+            if not b.get("stats"):
+                print(f"| {g} | {impl_name(b)} | (untimed: see the JSON's extra_info) | | |")
                 continue
             mem = f"{extra['peak_mem_bytes'] / 2**20:.1f} MB" if extra.get("peak_mem_bytes") is not None else ""
             med = b["stats"]["median"]

