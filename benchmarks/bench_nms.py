@@ -206,6 +206,8 @@ def density_head(B, density, seed=0):
     if density == "trained":
         return trained_like_head(B, seed)
     anchors, levels = _anchors_800()
+    if quick():  # --benchmark-disable: the last 2,000 anchors (the coarsest levels) as one level
+        anchors, levels = anchors[-2000:].contiguous(), [2000]
     A = anchors.shape[0]
     g = torch.Generator().manual_seed(seed)
     if density <= 0:
@@ -298,7 +300,9 @@ def test_postprocess_density(benchmark, tv_model, B, density, impl, device):
     fn = postprocess_fn(impl, logits, reg, anchors, levels, tv_model)
     benchmark.group = f"postprocess density {density:g} B={B} 800px K=91 {device}"
     benchmark.extra_info.update({"density": measured, "B": B, "threads": torch.get_num_threads(),
-                                 "peak_mem_bytes": postprocess_peak_memory(impl, B, density, device),
+                                 # a fresh process per case: not under --benchmark-disable (quick)
+                                 "peak_mem_bytes": None if quick() else postprocess_peak_memory(impl, B, density,
+                                                                                                 device),
                                  "peak_mem_method": "VmHWM growth over one call, fresh subprocess"
                                  if device == "cpu" else "cuda max_memory_allocated over the inputs"})
     rounds = 2 if impl != "retina_fast" and (B > 1 or density > 0.05) else 5
