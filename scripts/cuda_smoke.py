@@ -9,8 +9,10 @@ within the dtype's tolerance (float32 1e-5 relative, float64 1e-12, float16/bflo
 detections as multisets per image and label (tied scores may come in either order).
 Exits non-zero on any error or mismatch; prints "cuda_smoke: all ok" last.
 
-Usage: python scripts/cuda_smoke.py   (RF_SMOKE_DEVICE=cpu dry-runs it on the CPU kernels, where
-each comparison is the CPU against itself: it checks the script, not the kernels)
+Usage: python scripts/cuda_smoke.py   (RF_SMOKE_DEVICE=simt runs it on the CPU emulator of the
+CUDA kernels, in the environment `python build_tools/simt.py env` prints: the CUDA kernels against
+the CPU kernels without a GPU; RF_SMOKE_DEVICE=cpu dry-runs it on the CPU kernels, where each
+comparison is the CPU against itself: it checks the script, not the kernels)
 """
 
 import os
@@ -24,6 +26,11 @@ from retina_fast import ops
 dev = os.environ.get("RF_SMOKE_DEVICE", "cuda")
 if dev == "cuda":
     assert torch.cuda.is_available() and retina_fast.cuda_built(), "needs a CUDA device and a CUDA build"
+elif dev == "simt":  # the emulated CUDA kernels (build_tools/simt.py)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests import simt_support
+
+    simt_support.load(os.environ["RETINA_FAST_SIMT_LIB"])
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 GEN = torch.Generator().manual_seed(0)

@@ -22,8 +22,8 @@
 # GPU_CHECK_REHEARSAL=1 runs both stages here, without a GPU, so the script itself is tested
 # before device time is spent on it (CI does this): stage 1 runs a few CUDA tests on the CPU
 # emulator of the CUDA kernels (the environment `build_tools/simt.py env` gives; CI's simt stage
-# has run all of them on it already), the sanitizer step runs the smoke script on the CPU, the
-# existing build is used, and "no CUDA benchmark collected" is accepted.
+# has run all of them on it already), the sanitizer step runs the smoke script on the emulated
+# kernels, the existing build is used, and "no CUDA benchmark collected" is accepted.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-}
@@ -37,11 +37,10 @@ esac
 REHEARSAL=${GPU_CHECK_REHEARSAL:-0}
 SELECT=()
 if [ "$REHEARSAL" = 1 ]; then
-  export RF_SMOKE_DEVICE=cpu
-  if [ "$STAGE" = 1 ]; then
-    eval "$("$PY" build_tools/simt.py env)" || { echo "gpu_check rehearsal: the CUDA emulator did not build"; exit 1; }
-    SELECT=(-k "test_cuda_box_iou_bitwise or test_cuda_nms_matches_cpu or test_cuda_dense_vector_body_and_tail")
-  fi
+  # the CUDA kernels on the CPU emulator (build_tools/simt.py: ASan + UBSan build)
+  eval "$("$PY" build_tools/simt.py env)" || { echo "gpu_check rehearsal: the CUDA emulator did not build"; exit 1; }
+  export RF_SMOKE_DEVICE=simt
+  SELECT=(-k "test_cuda_box_iou_bitwise or test_cuda_nms_matches_cpu or test_cuda_dense_vector_body_and_tail")
 elif ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
   echo "gpu_check stage $STAGE: no NVIDIA GPU visible (nvidia-smi failed): nothing to check here"; exit 2
 elif ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -134,8 +133,8 @@ ensure_build || verdict "build failed"
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 : > "$OUTDIR/sanitizer.log"
 if [ "$REHEARSAL" = 1 ]; then
-  "$PY" scripts/cuda_smoke.py > "$OUTDIR/sanitizer.log" 2>&1 || fail "rehearsal: cuda_smoke.py on the CPU (see sanitizer.log)"
-  note "compute-sanitizer: rehearsal, smoke script run on the CPU: $(tail -1 "$OUTDIR/sanitizer.log")"
+  "$PY" scripts/cuda_smoke.py > "$OUTDIR/sanitizer.log" 2>&1 || fail "rehearsal: cuda_smoke.py on the emulated CUDA kernels (see sanitizer.log)"
+  note "compute-sanitizer: rehearsal, smoke script on the emulated CUDA kernels (ASan): $(tail -1 "$OUTDIR/sanitizer.log")"
 elif [ -z "$SAN" ]; then
   fail "compute-sanitizer not found"
 else
