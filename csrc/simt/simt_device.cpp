@@ -156,15 +156,15 @@ std::vector<torch::Library*>& op_libraries() {
 
 // ------------------------------------------------------------------ the NMS tuning knob
 // The CUDA NMS reads scan_shared_limit(); the tests set it through the extension's own
-// torch.ops.retina_fast._nms_scan_shared_limit, so the emulated kernels read that one.
+// torch.ops.retina_fast._nms_scan_shared_limit, so the emulated kernels read that one when the
+// extension is loaded, else the default (the library also loads on its own).
 
 namespace retina_fast {
 namespace nms {
 int64_t scan_shared_limit() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("retina_fast::_nms_scan_shared_limit", "")
-                             .typed<int64_t(int64_t)>();
-  return op.call(-1);
+  const auto handle = c10::Dispatcher::singleton().findSchema({"retina_fast::_nms_scan_shared_limit", ""});
+  if (!handle.has_value()) return 32 * 1024;  // nms_tuning.cpp's default
+  return handle->typed<int64_t(int64_t)>().call(-1);
 }
 }  // namespace nms
 }  // namespace retina_fast

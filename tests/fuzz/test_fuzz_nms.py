@@ -4,7 +4,7 @@ batched_nms integer coordinates, which its coordinate-offset trick does not roun
 
 import torch
 import torchvision
-from hypothesis import event, given
+from hypothesis import assume, event, given
 from hypothesis import strategies as st
 
 import retina_fast.ops as rf
@@ -217,7 +217,8 @@ def test_postprocess_detections_vs_torchvision(case, dt):
     # distinct scores: sigmoid saturates to 1.0f past ~17, so keep the logits within [-8, 8]
     logits = logits.to(dt).nan_to_num(0.0, 8.0, -8.0).clamp(-8.0, 8.0).contiguous()
     logits = logits + torch.arange(n, dtype=dt).reshape(logits.shape) * 1e-3
-    assert _distinct(torch.sigmoid(logits).reshape(-1))
+    # (rarely the offsets make two logits equal: such a case has no defined torchvision result)
+    assume(_distinct(torch.sigmoid(logits).reshape(-1)))
     reg = reg.to(dt).nan_to_num(0.0, 3.0, -3.0)
     anchors = anchors.to(dt).nan_to_num(0.0, 1e3, -1e3)
     ours = rf.postprocess_detections(logits, reg, anchors, sizes, levels, **kw)

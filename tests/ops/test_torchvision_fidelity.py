@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import torchvision
 
 import retina_fast.ops as rf
-from tests.conftest import CUDA, devices, requires_cuda
+from tests.conftest import CUDA, cuda_param, devices, requires_cuda
 
 # ------------------------------------------------------------------------------ nms
 
@@ -170,7 +170,7 @@ def test_cuda_nms_float64_and_under_autocast_equal_cpu(thr):
         assert torch.equal(got, expected), dtype
 
 
-@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if CUDA == "cuda" else [])])
+@pytest.mark.parametrize("device", ["cpu", cuda_param()])
 def test_nms_float16_keeps_what_float32_keeps(device):
     # three nearly identical large boxes; only the best survives at 0.2 in either precision
     b = torch.tensor([[285.3538, 185.5758, 1193.5110, 851.4551],
