@@ -14,8 +14,28 @@ import math
 import pytest
 import torch
 from torchvision.ops import box_iou
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
+try:
+    from hypothesis import assume, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # the GPU machine has no hypothesis: the property tests skip, the others run
+
+    class _Unavailable:
+        def __getattr__(self, name):
+            return self
+
+        def __call__(self, *args, **kwargs):
+            return self
+
+    st = _Unavailable()
+
+    def given(*args, **kwargs):
+        return pytest.mark.skip(reason="needs hypothesis")
+
+    def settings(*args, **kwargs):
+        return lambda f: f
+
+    def assume(condition):
+        return True
 
 import retina_fast.ops as R
 from tests.conftest import CUDA, cuda_param
