@@ -351,3 +351,56 @@ def test_train_step_cpu_time(benchmark, config):
     benchmark.extra_info.update(info)
     print(f"\ntrain step {config}:", json.dumps(info))
     record_untimed(benchmark)
+
+
+# ---------------------------------------------------------------- precision and memory format
+# Issue 21: ours and torchvision under each like-for-like setting (the rows of `retina-fast
+# bench model`, retina_fast/engine/speed.py, which prints them as one table with ratios), and
+# ours under `auto` against torchvision's defaults. Ours in inference is prepared as eval /
+# predict / the demo run it (BatchNorms folded, weights in the run's precision).
+
+_SETTINGS = {"fp32": ("fp32", False), "fp32+cl": ("fp32", True), "bf16": ("bf16", False),
+             "bf16+cl": ("bf16", True), "auto": ("auto", None)}
+_PAIRS = {}
+
+
+def _setting_models(setting):
+    from retina_fast.engine import precision as rprec
+    from retina_fast.engine import speed
+
+    if setting not in _PAIRS:
+        _, B, size, _ = CONFIGS["cpu-b2-512"]
+        tv, ours = speed.build_pair(size, "cpu")
+        s = rprec.resolve(*_SETTINGS[setting], "cpu")
+        images, targets = speed._inputs(B, size, "cpu")
+        _PAIRS[setting] = (s, speed.prepared_pair(tv, ours, s, "cpu"), images, targets)
+    return _PAIRS[setting]
+
+
+@pytest.mark.parametrize("impl", ["torchvision", "ours"])
+@pytest.mark.parametrize("setting", list(_SETTINGS))
+def test_train_step_setting(benchmark, setting, impl):
+    from retina_fast.engine import speed
+
+    if setting == "auto" and impl == "torchvision":
+        pytest.skip("torchvision has no auto: its default is the fp32 row")
+    s, (tv_tr, ours_tr, _, _), images, targets = _setting_models(setting)
+    benchmark.group = f"train_step cpu-b2-512 {setting}"
+    benchmark.extra_info["settings"] = s.as_dict()
+    step = speed.train_step_fn(tv_tr if impl == "torchvision" else ours_tr, images, targets, s, "cpu")
+    benchmark.pedantic(step, rounds=CONFIGS["cpu-b2-512"][3], warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", ["torchvision", "ours"])
+@pytest.mark.parametrize("setting", list(_SETTINGS))
+def test_inference_setting(benchmark, setting, impl):
+    from retina_fast.engine import speed
+
+    if setting == "auto" and impl == "torchvision":
+        pytest.skip("torchvision has no auto: its default is the fp32 row")
+    s, (_, _, tv_ev, ours_ev), images, _ = _setting_models(setting)
+    benchmark.group = f"inference cpu-b2-512 {setting}"
+    benchmark.extra_info["settings"] = s.as_dict()
+    infer = speed.inference_fn(tv_ev if impl == "torchvision" else ours_ev, images, s, "cpu")
+    out = benchmark.pedantic(infer, rounds=CONFIGS["cpu-b2-512"][3], warmup_rounds=1)
+    benchmark.extra_info["detections_per_image"] = [len(d["scores"]) for d in out]

@@ -33,6 +33,7 @@ import sys
 
 from retina_fast.data.errors import RetinaFastError
 from retina_fast.engine import config as rconfig
+from retina_fast.engine import precision as rprec
 from retina_fast.engine.logging_utils import start_console_log, stop_console_log
 
 log = logging.getLogger("retina_fast")
@@ -149,7 +150,8 @@ def cmd_demo(args, argv):
     _start_run_files(args, argv)
     run_demo(out_dir=args.out, time_budget=args.time_budget, device=args.device, seed=args.seed,
              val_images=args.val_images, batch_size=args.batch_size, lr=args.lr,
-             workers=args.workers, amp=args.amp, max_iters=args.max_iters, progress=args.progress)
+             workers=args.workers, amp=args.amp, max_iters=args.max_iters, progress=args.progress,
+             precision=args.precision, channels_last=args.channels_last)
 
 
 def cmd_train(args, argv):
@@ -193,7 +195,8 @@ def cmd_train(args, argv):
         batch_size=args.batch_size, workers=args.workers, optimizer=args.optimizer, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
         lr_steps=tuple(args.lr_steps or ()), lr_gamma=args.lr_gamma, warmup_iters=args.warmup_iters,
-        clip_grad=args.clip_grad, amp=args.amp, sync_bn=args.sync_bn, device=args.device,
+        clip_grad=args.clip_grad, amp=args.amp, precision=args.precision, channels_last=args.channels_last,
+        sync_bn=args.sync_bn, device=args.device,
         dist_timeout=args.dist_timeout,
         seed=args.seed, resume=args.resume, overwrite=args.overwrite, init_from=args.init_from,
         backbone_weights=args.backbone_weights, time_budget=args.time_budget, max_iters=args.max_iters,
@@ -388,7 +391,76 @@ def cmd_make_shapes(args, argv):
         print(f"[make-shapes] {split}: {d}/instances.json + {d}/images/")
 
 
+def _bench_model_parser():
+    p = _ArgumentParser(prog="retina-fast bench model",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        description="Ours against torchvision's RetinaNet (R50-FPN v1, same weights, same "
+                                    "inputs): train step (forward, losses, backward) and inference, medians "
+                                    "of interleaved calls. The first row is ours under --precision / "
+                                    "--channels-last (default auto: what retina-fast chooses) against "
+                                    "torchvision's defaults (float32, NCHW); the others are like for like.")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--size", type=int, default=512, help="input side (min_size = max_size)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--latency-rounds", type=int, default=10, help="batch-1 inference rounds (0: skip)")
+    p.add_argument("--rows", default="fp32,fp32+cl,bf16,bf16+cl",
+                   help="like-for-like settings, comma separated (PRECISION or PRECISION+cl); empty: none")
+    p.add_argument("--no-train", action="store_true", help="inference only")
+    p.add_argument("--no-infer", action="store_true", help="train step only")
+    p.add_argument("--json", metavar="FILE", help="write the table as JSON")
+    p.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
+    rprec.add_flags(p)
+    _add_runtime_flags(p, omp=False)
+    return p
+
+
+def _bench_model(argv_rest):
+    import json
+
+    a = _bench_model_parser().parse_args(argv_rest)
+    for name, least in (("batch_size", 1), ("size", 32), ("rounds", 1), ("warmup", 0), ("latency_rounds", 0)):
+        if getattr(a, name) < least:
+            raise RetinaFastError(f"argument --{name.replace('_', '-')}: must be at least {least}, "
+                                  f"not {getattr(a, name)}")
+    _set_threads(a)
+    from retina_fast.engine import speed
+    from retina_fast.engine.train import resolve_device
+
+    dev = resolve_device(a.device)
+    rows = []
+    for item in filter(None, (x.strip() for x in a.rows.split(","))):
+        prec, _, cl = item.partition("+")
+        if prec not in rprec.PRECISIONS[1:] or cl not in ("", "cl"):
+            raise RetinaFastError(f"argument --rows: {item!r} is not PRECISION or PRECISION+cl "
+                                  f"(PRECISION one of {', '.join(rprec.PRECISIONS[1:])})")
+        rows.append((prec, cl == "cl"))
+    info = speed.machine_info(dev)
+    print(f"[bench] {info.get('cpu') or info.get('gpu')}; {info['threads']} threads; torch {info['torch']}"
+          + (f"; AMX {info['amx']}, AVX-512-BF16 {info['avx512_bf16']}, flags {' '.join(info['cpu_flags'])}"
+             if 'cpu' in info else ""), flush=True)
+    settings = rprec.resolve(a.precision, a.channels_last, dev)
+    print(f"[bench] ours by default: {settings.describe()}", flush=True)
+    table = speed.model_table(a.batch_size, a.size, dev, a.rounds, a.warmup, a.latency_rounds or None, rows,
+                              train=not a.no_train, infer=not a.no_infer, default_precision=a.precision,
+                              default_channels_last=a.channels_last,
+                              log=lambda line: print("[bench] " + line, flush=True))
+    md = speed.markdown(table)
+    print(md)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(table, f, indent=2)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(md + "\n")
+    return 0
+
+
 def cmd_bench(args, argv):
+    rest = list(args.pytest_args)
+    rest = rest[1:] if rest[:1] == ["--"] else rest
+    if rest[:1] == ["model"]:
+        return _bench_model(rest[1:])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bench_dir = os.path.join(root, "benchmarks")
     files = sorted(f for f in os.listdir(bench_dir) if f.startswith("bench_")) if os.path.isdir(bench_dir) else []
@@ -549,7 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=None, help="data workers rendering training images (default: 2 on CPU)")
     d.add_argument("--val-images", type=int, default=200)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--amp", action="store_true", help="mixed precision (float16 on GPU, bfloat16 on CPU)")
+    d.add_argument("--amp", action="store_true", help="the old switch: --precision bf16 on CPU, fp16 on GPU")
+    rprec.add_flags(d)
     d.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto")
     _add_runtime_flags(d)
     d.set_defaults(func=cmd_demo)
@@ -604,7 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-gamma", type=float, default=0.1)
     g.add_argument("--warmup-iters", type=int, default=100)
     g.add_argument("--clip-grad", type=float, default=10.0, help="max total gradient norm, 0 = off")
-    g.add_argument("--amp", action="store_true", help="mixed precision (float16 + GradScaler on GPU, bfloat16 on CPU)")
+    g.add_argument("--amp", action="store_true",
+                   help="the old switch: --precision bf16 on CPU, fp16 + GradScaler on GPU")
+    rprec.add_flags(g)
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (GPU only)")
     g.add_argument("--dist-timeout", type=float, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for a hung peer before it fails "
@@ -717,9 +792,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=cmd_make_shapes)
 
-    b = sub.add_parser("bench", help="run the kernel benchmarks (pytest-benchmark)",
-                       description="Runs `pytest benchmarks/ --benchmark-only` in the source checkout; "
-                                   "extra arguments go to pytest (e.g. -k nms --benchmark-json out.json).")
+    b = sub.add_parser("bench", help="the whole-model speed table (bench model), or the kernel "
+                                     "benchmarks (pytest-benchmark)",
+                       description="`retina-fast bench model [options]` measures ours and torchvision's "
+                                   "RetinaNet (R50-FPN v1), train step and inference, under our default "
+                                   "settings and each like-for-like precision and memory format, in one "
+                                   "run, and prints the table with the machine's CPU flags (`bench model "
+                                   "--help` for its options). Otherwise runs `pytest benchmarks/ "
+                                   "--benchmark-only` in the source checkout; extra arguments go to pytest "
+                                   "(e.g. -k nms --benchmark-json out.json).")
     b.add_argument("pytest_args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
     _add_env_command(sub, fmt)

@@ -4,7 +4,8 @@
 parser, so there is one list of options and it cannot drift. Every flag is a key, spelt as its
 long name with ``_`` for ``-`` (``batch_size``, ``lr_steps``; ``-`` is accepted too), and takes
 the flag's type: a number for ``lr``, a list for ``lr_steps`` / ``min_size``, ``true``/``false``
-for switches such as ``amp``, one of the choices for ``optimizer``, ``null`` for "not set".
+for switches such as ``amp``, one of the choices for ``optimizer``, ``null`` for "not set"
+(``channels_last: null`` is the hardware's choice, like ``precision: auto``).
 ``model_opt`` is a mapping (``{norm: gn, head_convs: 4}``). Precedence: built-in defaults <
 the file < flags on the command line (``--model-opt`` is merged key by key over the file's).
 
@@ -64,8 +65,8 @@ class Option:
         self.flag = max(action.option_strings, key=len)
         self.default = action.default
         self.choices = tuple(action.choices) if action.choices else None
-        if isinstance(action, argparse._StoreTrueAction):
-            self.kind = "bool"
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            self.kind = "bool"  # (a --x/--no-x pair with default None also takes null: "auto")
         elif action.dest == _KV_LIST:
             self.kind = "mapping"
         else:
@@ -76,7 +77,7 @@ class Option:
     def check(self, value, where: str):
         """``value`` (from YAML) converted to what argparse would have made of the flag."""
         if value is None:
-            if self.kind == "bool":
+            if self.kind == "bool" and self.default is not None:
                 raise RetinaFastError(f"{where}: must be true or false, not null")
             return None
         if self.kind == "mapping":
@@ -122,8 +123,11 @@ def _show(v) -> str:
 
 def options(parser: argparse.ArgumentParser) -> dict:
     """``{key: Option}`` for every flag of ``parser`` that configures a run, in parser order."""
-    return {a.dest: Option(a) for a in parser._actions
-            if a.option_strings and a.dest not in _NOT_CONFIG and a.dest != argparse.SUPPRESS}
+    out = {}
+    for a in parser._actions:  # the first flag of a dest names it (--channels-last, not --no-...)
+        if a.option_strings and a.dest not in _NOT_CONFIG and a.dest != argparse.SUPPRESS:
+            out.setdefault(a.dest, Option(a))
+    return out
 
 
 def subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:

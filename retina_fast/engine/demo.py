@@ -29,6 +29,7 @@ from retina_fast.data import (
     SHAPES_CATEGORIES, CocoDetection, ShapesConfig, ShapesStream, eval_transforms,
     train_transforms, write_shapes_coco,
 )
+from retina_fast.engine import precision as rprec
 from retina_fast.engine.evaluate import evaluate
 from retina_fast.engine.plots import plot_loss_curve
 from retina_fast.engine.predict import predict_images
@@ -46,7 +47,8 @@ def run_demo(out_dir: str = "retina_fast_demo", time_budget: float | None = None
              device: str = "auto", seed: int = 0, val_images: int = 200, batch_size: int = 16,
              lr: float = 2e-3, workers: int | None = None, amp: bool = False,
              num_predictions: int = 8, max_iters: int | None = None, progress: str = "auto",
-             extra_info: dict | None = None) -> dict:
+             extra_info: dict | None = None, precision: str = "auto",
+             channels_last: bool | None = None) -> dict:
     t_start = time.perf_counter()
     check_writable_dir(out_dir)
     dev = resolve_device(device)
@@ -67,11 +69,15 @@ def run_demo(out_dir: str = "retina_fast_demo", time_budget: float | None = None
         out_dir=os.path.join(out_dir, "train"), model="shapes-small", model_kwargs={},
         epochs=10 ** 6, batch_size=batch_size, workers=workers, optimizer="adamw", lr=lr,
         weight_decay=0.05, schedule="cosine", warmup_iters=100, clip_grad=10.0, amp=amp,
+        precision=precision, channels_last=channels_last,
         device=str(dev), seed=seed, time_budget=budget, max_iters=max_iters, log_every=50,
         progress=progress, overwrite=True,  # a demo run replaces the previous demo's results
     )
+    settings = rprec.resolve(("fp16" if dev.type == "cuda" else "bf16") if amp and precision == "auto"
+                             else precision, channels_last, dev)
     print(f"[demo] training shapes-small on {dev} for {budget:.0f} s "
-          f"(batch {batch_size}, {torch.get_num_threads()} threads, {workers} data workers)", flush=True)
+          f"(batch {batch_size}, {torch.get_num_threads()} threads, {workers} data workers; "
+          f"{settings.describe()})", flush=True)
     result = train(cfg, train_set, SHAPES_CATEGORIES)
 
     print("[demo] evaluating on the validation split", flush=True)
@@ -95,6 +101,11 @@ def run_demo(out_dir: str = "retina_fast_demo", time_budget: float | None = None
         "iterations": result.iterations, "images_seen": result.images_seen,
         "train_seconds": round(result.train_seconds, 1),
         "train_img_per_s": round(result.images_seen / max(result.train_seconds, 1e-9), 1),
+        # end to end (above) and without the time the loop waited for the data workers
+        "compute_img_per_s": round(result.images_seen / max(result.train_seconds - result.data_wait_seconds, 1e-9), 1),
+        "data_wait_seconds": round(result.data_wait_seconds, 1),
+        "precision": settings.precision, "channels_last": settings.channels_last,
+        "precision_reason": settings.reason, "cpu_features": rprec.cpu_features() if dev.type == "cpu" else None,
         "data_seconds": round(t_data, 1), "eval_seconds": round(t_eval, 1),
         "total_seconds": round(total, 1), "time_budget": budget, "stopped_by": result.stopped_by,
         "device": str(dev), "torch_threads": torch.get_num_threads(), "workers": workers,

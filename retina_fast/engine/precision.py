@@ -23,15 +23,12 @@ and detections are float32 whatever the precision.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import asdict, dataclass
-
-import torch
 
 from retina_fast.data.errors import RetinaFastError
 
+# torch is imported inside the functions: the command line adds these flags before it loads torch.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -46,16 +43,22 @@ class RunSettings:
     @property
     def dtype(self):
         """The autocast dtype, or None for float32 (no autocast)."""
-        return _DTYPES[self.precision]
+        import torch
+
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
 
     @property
     def memory_format(self):
+        import torch
+
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def autocast(self):
         """The context the model's forward runs in (a no-op for float32)."""
         if self.dtype is None:
             return contextlib.nullcontext()
+        import torch
+
         return torch.autocast(self.device, dtype=self.dtype)
 
     def as_dict(self) -> dict:
@@ -80,6 +83,8 @@ def _cpuinfo_flags() -> set:
 def cpu_features() -> dict:
     """What the CPU offers for bfloat16: ``{"amx": bool, "avx512_bf16": bool,
     "onednn_bf16": bool, "capability": str}``."""
+    import torch
+
     flags = None
 
     def flag(name, fn):
@@ -110,6 +115,8 @@ def cpu_features() -> dict:
 def resolve(precision: str = "auto", channels_last: bool | None = None, device="cpu") -> RunSettings:
     """:class:`RunSettings` for ``precision`` (one of :data:`PRECISIONS`) and ``channels_last``
     (None: the hardware's choice) on ``device``."""
+    import torch
+
     if precision not in PRECISIONS:
         raise RetinaFastError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     dev = torch.device(device) if not isinstance(device, torch.device) else device
@@ -170,12 +177,9 @@ def add_flags(p) -> None:
 def from_args(args, device) -> RunSettings:
     """The settings for a parsed command line; the old ``--amp`` means ``--precision``
     bf16 on CPU / fp16 on CUDA when ``--precision`` is left at auto."""
+    import torch
+
     precision = getattr(args, "precision", "auto") or "auto"
     if getattr(args, "amp", False) and precision == "auto":
         precision = "fp16" if torch.device(device).type == "cuda" else "bf16"
     return resolve(precision, getattr(args, "channels_last", None), device)
-
-
-def env_default() -> str:
-    """``RETINA_FAST_PRECISION`` (tests pin it), else ``auto``."""
-    return os.environ.get("RETINA_FAST_PRECISION", "auto")

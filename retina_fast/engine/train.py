@@ -7,8 +7,13 @@
 
 * Optimizer: ``adamw`` (no weight decay on norms and biases) or ``sgd`` with momentum; linear
   warmup, then ``cosine`` or ``step`` decay (milestones in epochs, torchvision's recipe).
-* Gradient clipping (``clip_grad``, total L2 norm), AMP (``amp``: float16 + GradScaler on CUDA,
-  bfloat16 autocast on CPU).
+* Gradient clipping (``clip_grad``, total L2 norm). Precision and memory format
+  (``precision``: ``auto``, ``fp32``, ``bf16``, ``fp16``; ``channels_last``: None for the
+  hardware's choice), resolved by :mod:`retina_fast.engine.precision`: ``auto`` is bfloat16
+  autocast where the hardware computes it natively (CPU with AMX or AVX-512-BF16, CUDA Ampere+),
+  float16 + GradScaler on older GPUs, else float32. The old ``amp=True`` means bfloat16 on CPU /
+  float16 on CUDA when ``precision`` is ``auto``. The choice and its reason are logged and kept
+  in the checkpoint (``"settings"``) and :class:`TrainResult`.
 * DDP: launched with ``torchrun --nproc_per_node N -m retina_fast train ...``; NCCL on GPU, gloo
   on CPU; each rank reads its share through :class:`~retina_fast.data.EpochSampler`;
   ``batch_size`` is per process. BatchNorm statistics stay per process (SyncBatchNorm is
@@ -66,6 +71,7 @@ from retina_fast.engine.checkpoint import (
     set_rng_state,
 )
 from retina_fast.engine.logging_utils import MetricsLogger, Progress
+from retina_fast.engine import precision as rprec
 from retina_fast.engine.model_factory import build_model, init_weights, param_groups, pretrained_kwargs
 from retina_fast.engine.schedule import WarmupSchedule
 from retina_fast.models.loss import InputError
@@ -118,7 +124,9 @@ class TrainConfig:
     warmup_iters: int = 100
     warmup_factor: float = 0.001
     clip_grad: float = 10.0         # 0 disables
-    amp: bool = False
+    amp: bool = False               # the old switch: bf16 (CPU) / fp16 (CUDA) when precision is auto
+    precision: str = "auto"         # auto | fp32 | bf16 | fp16 (engine/precision.py)
+    channels_last: bool | None = None  # None: where it is faster (engine/precision.py)
     sync_bn: bool = False
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     dist_timeout: float | None = None  # seconds a rank waits for a peer in a collective (torch's default)
@@ -145,6 +153,8 @@ class TrainResult:
     train_seconds: float
     images_seen: int
     stopped_by: str
+    settings: dict = field(default_factory=dict)  # RunSettings.as_dict(): precision, format, why
+    data_wait_seconds: float = 0.0  # time the loop waited for the DataLoader (the rest is compute)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -239,7 +249,12 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
         for msg in init_weights(model, cfg.model, cfg.init_from, cfg.backbone_weights):
             if is_main:
                 log.info(msg)
-    model = model.to(device)
+    settings = rprec.resolve(
+        ("fp16" if device.type == "cuda" else "bf16") if cfg.amp and cfg.precision == "auto" else cfg.precision,
+        cfg.channels_last, device)
+    if is_main:
+        log.info("training in %s", settings.describe())
+    model = model.to(device, memory_format=settings.memory_format)
     if cfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
@@ -263,9 +278,8 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
                               gamma=cfg.lr_gamma,
                               max_warmup_frac=0.1 if cfg.time_budget else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, sched_fn)
-    use_scaler = cfg.amp and device.type == "cuda"
+    use_scaler = settings.grad_scaler
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
 
     start_epoch, it, history, images_seen = 0, 0, [], 0
     if resume:
@@ -328,6 +342,7 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
             "history": history,
             "train_config": dataclasses.asdict(cfg),
             "world_size": world,
+            "settings": settings.as_dict(),
             **({"config": config} if config is not None else {}),
         }, ckpt_path)
         atomic_write_json(history, os.path.join(cfg.out_dir, "history.json"))
@@ -343,17 +358,25 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
     speed_mark = (t0, it)
     stopped_by = "epochs"
     epoch = start_epoch - 1
+    data_wait = 0.0
     ddp_model.train()
     try:
         for epoch in range(start_epoch, cfg.epochs if cfg.time_budget is None else 10 ** 9):
             sampler.set_epoch(epoch)
             stop = False
-            for images, targets in loader:
+            batches = iter(loader)
+            while True:
+                t_wait = time.perf_counter()
+                batch = next(batches, None)
+                data_wait += time.perf_counter() - t_wait
+                if batch is None:
+                    break
+                images, targets = batch
                 ids = [t.get("image_id") for t in targets]
                 images, targets = _to_device(images, targets, device)
                 bad_input = None
                 try:
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+                    with settings.autocast():
                         losses = ddp_model(images, targets)
                     loss = sum(losses.values())
                     finite = bool(torch.isfinite(loss).item())
@@ -437,9 +460,11 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
         del loader
     train_seconds = time.perf_counter() - t0
     if is_main:
-        log.info("trained %d iterations (%d images) in %.1f s, %.1f img/s; stopped by %s",
-                 it, images_seen, train_seconds, images_seen / max(train_seconds, 1e-9), stopped_by)
+        log.info("trained %d iterations (%d images) in %.1f s, %.1f img/s (%.1f s waiting for data); "
+                 "stopped by %s", it, images_seen, train_seconds, images_seen / max(train_seconds, 1e-9),
+                 data_wait, stopped_by)
     return TrainResult(model=_unwrap(ddp_model), history=history,
                        checkpoint=ckpt_path if os.path.exists(ckpt_path) else None,
                        iterations=it, epochs_done=epoch + 1, train_seconds=train_seconds,
-                       images_seen=images_seen, stopped_by=stopped_by)
+                       images_seen=images_seen, stopped_by=stopped_by, settings=settings.as_dict(),
+                       data_wait_seconds=data_wait)

@@ -1,0 +1,223 @@
+"""The whole-model speed table: ours and torchvision, train step and inference, under each
+precision and memory format, in one run (``retina-fast bench model``,
+``benchmarks/bench_model.py``).
+
+Rows:
+
+* the headline: ours with ``--precision auto`` (what a user of ``retina-fast`` gets by
+  default) against torchvision's defaults (float32, NCHW, eager);
+* like for like: both under the same setting (float32 or bfloat16 autocast, NCHW or
+  channels_last), eager on both sides;
+* batch-1 inference latency, ours by default against torchvision's defaults.
+
+Ours in inference is :func:`retina_fast.models.fuse.prepare_for_inference` of the model (BatchNorms
+folded, weights held in the run's precision), as ``eval``/``predict``/the demo run it; in
+training the model as the trainer runs it (channels_last weights, autocast). torchvision's
+model is torchvision's own builder with the same weights, moved to the same memory format
+under the same autocast. Times are medians of ``rounds`` calls after ``warmup`` calls, the
+implementations interleaved call by call so a change in the machine's load hits both.
+Random weights leave every score near 0.01, under the 0.05 threshold: the classification
+bias is drawn from N(-4, 1) so a realistic share of candidates reaches post-processing.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import statistics
+import time
+
+import torch
+
+from retina_fast.engine import precision as rprec
+
+#: (precision, channels_last) of the like-for-like rows
+LIKE_FOR_LIKE = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))
+
+
+def machine_info(device) -> dict:
+    """The CPU (model name, flags that matter for bfloat16) or GPU, threads, torch."""
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        return info
+    name = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info["cpu"] = name
+    info.update(rprec.cpu_features())
+    flags = rprec._cpuinfo_flags()
+    info["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx512", "amx", "avx_vnni")) or f in ("avx2", "fma"))
+    return info
+
+
+def _inputs(B: int, size: int, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, size, size, generator=g).to(device) for _ in range(B)]
+    targets = []
+    for _ in range(B):
+        xy = torch.rand(10, 2, generator=g) * size * 0.7
+        wh = torch.rand(10, 2, generator=g) * size * 0.3 + 8
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
+                        "labels": torch.randint(0, 91, (10,), generator=g).to(device)})
+    return images, targets
+
+
+def build_pair(size: int, device="cpu", seed: int = 0):
+    """(torchvision's retinanet_resnet50_fpn, ours with its state_dict), float32, NCHW."""
+    from torchvision.models.detection import retinanet_resnet50_fpn as tv_retinanet
+
+    from retina_fast.models import retinanet_resnet50_fpn
+
+    torch.manual_seed(seed)
+    tv = tv_retinanet(weights=None, weights_backbone=None, min_size=size, max_size=size)
+    with torch.no_grad():
+        tv.head.classification_head.cls_logits.bias.normal_(-4.0, 1.0)
+    ours = retinanet_resnet50_fpn("v1", min_size=size, max_size=size)
+    ours.load_state_dict(tv.state_dict(), strict=True)
+    return tv.to(device), ours.to(device)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_step_fn(model, images, targets, settings, device):
+    model.train()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with settings.autocast():
+            losses = model(images, targets)
+        (losses["classification"] + losses["bbox_regression"]).backward()
+        _sync(device)
+    return step
+
+
+def inference_fn(model, images, settings, device):
+    model.eval()
+
+    def infer():
+        with torch.no_grad(), settings.autocast():
+            out = model(images)
+        _sync(device)
+        return out
+    return infer
+
+
+def time_interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict:
+    """``{name: median seconds}``: each round calls every function once, in turn."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def settings_for(precision: str, channels_last, device):
+    return rprec.resolve(precision, channels_last, device)
+
+
+def prepared_pair(tv, ours, settings, device):
+    """torchvision's and our model for ``settings``: (tv_train, ours_train, tv_eval, ours_eval)."""
+    from retina_fast.models.fuse import prepare_for_inference
+
+    fmt = settings.memory_format
+    tv_s = copy.deepcopy(tv).to(device, memory_format=fmt)
+    ours_s = copy.deepcopy(ours).to(device, memory_format=fmt)
+    ours_eval = prepare_for_inference(ours, settings)
+    return tv_s, ours_s, tv_s, ours_eval
+
+
+def model_table(batch: int = 2, size: int = 512, device="cpu", rounds: int = 5, warmup: int = 1,
+                latency_rounds: int | None = None, rows=LIKE_FOR_LIKE, train: bool = True,
+                infer: bool = True, default_precision: str = "auto", default_channels_last=None,
+                log=print) -> dict:
+    """Measure and return ``{"machine", "config", "headline", "rows", "latency"}``; each row holds
+    the medians in ms and torchvision / ours ratios. ``log`` gets a line per measurement."""
+    device = torch.device(device)
+    tv, ours = build_pair(size, device)
+    images, targets = _inputs(batch, size, device)
+    fp32 = rprec.resolve("fp32", False, device)
+    auto = rprec.resolve(default_precision, default_channels_last, device)
+    out = {"machine": machine_info(device),
+           "config": {"model": "retinanet_resnet50_fpn (v1)", "batch": batch, "size": size, "device": str(device),
+                      "rounds": rounds, "warmup": warmup, "timing": "median wall time, interleaved"},
+           "ours_default": auto.as_dict(), "rows": []}
+
+    def measure(label, tv_settings, ours_settings):
+        tv_tr, _, tv_ev, _ = prepared_pair(tv, ours, tv_settings, device)
+        _, ours_tr, _, ours_ev = prepared_pair(tv, ours, ours_settings, device)
+        row = {"setting": label, "torchvision": tv_settings.precision + ("+cl" if tv_settings.channels_last else ""),
+               "ours": ours_settings.precision + ("+cl" if ours_settings.channels_last else "")}
+        if train:
+            t = time_interleaved({"tv": train_step_fn(tv_tr, images, targets, tv_settings, device),
+                                  "ours": train_step_fn(ours_tr, images, targets, ours_settings, device)},
+                                 rounds, warmup)
+            row.update(tv_train_ms=round(t["tv"] * 1e3, 1), ours_train_ms=round(t["ours"] * 1e3, 1),
+                       train_ratio=round(t["tv"] / t["ours"], 3))
+        if infer:
+            t = time_interleaved({"tv": inference_fn(tv_ev, images, tv_settings, device),
+                                  "ours": inference_fn(ours_ev, images, ours_settings, device)},
+                                 rounds, warmup)
+            row.update(tv_infer_ms=round(t["tv"] * 1e3, 1), ours_infer_ms=round(t["ours"] * 1e3, 1),
+                       infer_ratio=round(t["tv"] / t["ours"], 3))
+        log(format_row(row))
+        del tv_tr, ours_tr, tv_ev, ours_ev
+        return row
+
+    out["headline"] = measure(f"ours {auto.precision}{'+cl' if auto.channels_last else ''} (auto) vs "
+                              "torchvision's defaults (fp32, NCHW)", fp32, auto)
+    for precision, cl in rows:
+        s = rprec.resolve(precision, cl, device)
+        out["rows"].append(measure(f"like for like: {precision}{', channels_last' if cl else ', NCHW'}", s, s))
+    if latency_rounds:
+        tv_ev = prepared_pair(tv, ours, fp32, device)[2]
+        ours_ev = prepared_pair(tv, ours, auto, device)[3]
+        t = time_interleaved({"tv": inference_fn(tv_ev, images[:1], fp32, device),
+                              "ours": inference_fn(ours_ev, images[:1], auto, device)}, latency_rounds, warmup)
+        out["latency"] = {"batch": 1, "tv_ms": round(t["tv"] * 1e3, 1), "ours_ms": round(t["ours"] * 1e3, 1),
+                          "ratio": round(t["tv"] / t["ours"], 3)}
+        log(f"batch-1 inference latency: torchvision (fp32, NCHW) {out['latency']['tv_ms']} ms, ours (auto) "
+            f"{out['latency']['ours_ms']} ms: {out['latency']['ratio']}x")
+    return out
+
+
+def format_row(row: dict) -> str:
+    parts = [row["setting"] + ":"]
+    if "train_ratio" in row:
+        parts.append(f"train step {row['tv_train_ms']:.0f} / {row['ours_train_ms']:.0f} ms = {row['train_ratio']:.2f}x;")
+    if "infer_ratio" in row:
+        parts.append(f"inference {row['tv_infer_ms']:.0f} / {row['ours_infer_ms']:.0f} ms = {row['infer_ratio']:.2f}x")
+    return " ".join(parts)
+
+
+def markdown(table: dict) -> str:
+    """The table as the README shows it."""
+    m, c = table["machine"], table["config"]
+    lines = [f"R50-FPN v1, batch {c['batch']}, {c['size']} px, {c['device']}"
+             f" ({m.get('cpu') or m.get('gpu')}, {m['threads']} threads, torch {m['torch']}); "
+             f"{c['timing']}, {c['rounds']} rounds. Ratios are torchvision / ours.", "",
+             "| setting | train step: torchvision | ours | ratio | inference: torchvision | ours | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for row in [table["headline"]] + table["rows"]:
+        lines.append(f"| {row['setting']} | {row.get('tv_train_ms', '-')} ms | {row.get('ours_train_ms', '-')} ms | "
+                     f"**{row.get('train_ratio', '-')}x** | {row.get('tv_infer_ms', '-')} ms | "
+                     f"{row.get('ours_infer_ms', '-')} ms | **{row.get('infer_ratio', '-')}x** |")
+    if table.get("latency"):
+        lt = table["latency"]
+        lines.append(f"| batch-1 inference latency, ours (auto) vs torchvision's defaults | | | | {lt['tv_ms']} ms | "
+                     f"{lt['ours_ms']} ms | **{lt['ratio']}x** |")
+    return "\n".join(lines)
