@@ -20,6 +20,7 @@ images empty. Boxes are the tight boxes of the drawn shapes, in COCO ``[x, y, w,
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -54,31 +55,42 @@ def _rng_for(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), code, int(index)]))
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A textured background, float32 HxWx3 in [0, 255]."""
-    base = rng.uniform(30, 225, size=3)
+@functools.lru_cache(maxsize=4)
+def _unit_grid(size: int):
+    """(yy, xx), float32 [size, size] in [0, 1): the coordinate grids every background uses."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    yy.flags.writeable = xx.flags.writeable = False
+    return yy, xx
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A textured background, float32 HxWx3 in [0, 255]. float32 throughout (the noise drawn
+    as float32): the training stream renders it for every image, on the cores training uses."""
+    base = rng.uniform(30, 225, size=3).astype(np.float32)
+    yy, xx = _unit_grid(size)
     angle = rng.uniform(0, 2 * math.pi)
-    grad = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None] * rng.uniform(-60, 60, size=3)
-    img = base + grad
+    ramp = np.float32(np.cos(angle)) * xx + np.float32(np.sin(angle)) * yy
+    img = ramp[..., None] * rng.uniform(-60, 60, size=3).astype(np.float32) + base
     kind = rng.integers(0, 4)
     if kind == 1:  # stripes
         period = rng.uniform(4, 24)
         a = rng.uniform(0, math.pi)
-        s = np.sin(2 * math.pi * (np.cos(a) * xx + np.sin(a) * yy) * size / period)
-        img = img + s[..., None] * rng.uniform(5, 30, size=3)
+        phase = (np.float32(np.cos(a)) * xx + np.float32(np.sin(a)) * yy) * np.float32(2 * math.pi * size / period)
+        img += np.sin(phase)[..., None] * rng.uniform(5, 30, size=3).astype(np.float32)
     elif kind == 2:  # checks
         period = int(rng.integers(4, 20))
         c = ((np.arange(size)[:, None] // period + np.arange(size)[None, :] // period) % 2) * 2 - 1
-        img = img + c[..., None] * rng.uniform(5, 25, size=3)
+        img += c[..., None].astype(np.float32) * rng.uniform(5, 25, size=3).astype(np.float32)
     elif kind == 3:  # smooth blobs: a coarse random grid upsampled
         g = int(rng.integers(3, 8))
         coarse = rng.normal(0, 1, size=(g, g, 3))
         pil = Image.fromarray(((coarse - coarse.min()) / (np.ptp(coarse) + 1e-6) * 255).astype(np.uint8))
         up = np.asarray(pil.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255 - 0.5
-        img = img + up * rng.uniform(20, 60)
-    img = img + rng.normal(0, rng.uniform(2, 12), size=(size, size, 3))
-    return np.clip(img, 0, 255).astype(np.float32)
+        img += up * np.float32(rng.uniform(20, 60))
+    noise = rng.standard_normal((size, size, 3), dtype=np.float32)
+    noise *= np.float32(rng.uniform(2, 12))
+    img += noise
+    return np.clip(img, 0, 255, out=img)
 
 
 def _contrasting_colour(rng: np.random.Generator, bg_mean: np.ndarray) -> tuple:
