@@ -41,7 +41,13 @@ log = logging.getLogger("retina_fast")
 def inference_model(model, settings=None):
     """``model`` itself for ``settings`` None (float32, NCHW: as given), else the copy of
     :func:`retina_fast.models.fuse.prepare_for_inference` (once: a model it made is kept)."""
-    if settings is None or getattr(model, "_rf_inference_prepared", None) is not None:
+    done = getattr(model, "_rf_inference_prepared", None)
+    if settings is None:
+        return model
+    if done is not None:
+        if (done["precision"], done["channels_last"]) != (settings.precision, settings.channels_last):
+            raise ValueError(f"the model was prepared for {done['precision']}"
+                             f"{', channels_last' if done['channels_last'] else ''}, not for {settings.describe()}")
         return model
     from retina_fast.models.fuse import prepare_for_inference
 

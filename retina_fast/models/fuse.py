@@ -136,4 +136,15 @@ def prepare_for_inference(model: nn.Module, settings=None, fold: bool = True) ->
     info = dict(settings.as_dict()) if settings is not None else {"precision": "fp32", "channels_last": False}
     info["folded"] = n
     prepared._rf_inference_prepared = info
+    if settings is not None and settings.dtype is not None:
+        prepared.register_forward_pre_hook(_require_autocast)
     return prepared
+
+
+def _require_autocast(module, args):
+    # Without autocast the float32 images would meet bfloat16 weights in the first conv: say
+    # what to do instead of PyTorch's "Input type (float) and bias type ... should be the same".
+    info = module._rf_inference_prepared
+    if not torch.is_autocast_enabled(info["device"]):
+        raise RuntimeError(f"this model was prepared for {info['precision']} (its convolutions hold "
+                           f"{info['precision']} weights): call it under settings.autocast()")

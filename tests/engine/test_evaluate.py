@@ -240,6 +240,12 @@ def test_evaluate_and_predict_with_run_settings(tmp_path):
     best = max(r["score"] for r in ref)
     assert abs(max(d["score"] for d in dets) - best) < 2e-2
     assert "precision" not in evaluate(model, ds, None, batch_size=2, verbose=False)
+    from retina_fast.models.fuse import prepare_for_inference
+
+    prepared = prepare_for_inference(model, bf16)
+    assert len(detect_dataset(prepared, ds, batch_size=2, settings=bf16)) == len(dets)  # prepared once only
+    with pytest.raises(ValueError, match="prepared for bf16, channels_last, not for precision fp32"):
+        detect_dataset(prepared, ds, settings=resolve("fp32", False, "cpu"))
     after = model.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)
 

@@ -152,6 +152,8 @@ def test_bfloat16_prepared_model(name):
         ref_head, ref = _head(model, IMAGES), model(IMAGES)
         with settings.autocast():
             got_head, got = _head(prepared, IMAGES), prepared(IMAGES)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="prepared for bf16.*settings.autocast"):
+        prepared(IMAGES)  # float32 images and bfloat16 weights: a clear error
     for k in ref_head:
         assert got_head[k].dtype == torch.bfloat16
         scale = float(ref_head[k].abs().max())
