@@ -244,8 +244,9 @@ def cmd_eval(args, argv):
     from retina_fast.engine.predict import set_input_size
 
     set_input_size(model, args.min_size, args.max_size)
+    model, settings = _inference_model(args, model, dev)
     evaluate(model, ds, args.out, device=dev, batch_size=args.batch_size, progress=args.progress,
-             coco_backend=args.coco_backend)
+             coco_backend=args.coco_backend, settings=settings)
     if args.out:
         print(f"[eval] metrics.json, per_class.csv, pr_curves.png and detections.json written to "
               f"{args.out}", flush=True)
@@ -266,14 +267,49 @@ def cmd_predict(args, argv):
         ckpt = load_checkpoint(args.checkpoint)
         model, categories = model_from_checkpoint(ckpt, dev), ckpt["categories"]
     set_input_size(model, args.min_size, args.max_size)
+    model, settings = _inference_model(args, model, dev)
     names = [c.get("name", str(c["id"])) for c in categories]
     recs = predict_images(model, paths, args.out, names, device=dev, score_thresh=args.score_thresh,
                           image_format=args.format,
                           label_to_cat_id=[c["id"] for c in categories],
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, settings=settings)
     n = sum(len(r["boxes"]) for r in recs)
     print(f"[predict] {n} detections on {len(recs)} images; drawn images, predictions.json and "
           f"coco_results.json in {args.out}")
+
+
+def _inference_model(args, model, dev):
+    """``(model, settings)`` for eval / predict: ``--precision`` / ``--channels-last`` resolved
+    for the device, the model prepared for them (BatchNorms folded, weights in the precision
+    and memory format: :func:`retina_fast.models.fuse.prepare_for_inference`) and, with
+    ``--compile``, its backbone and head given to ``torch.compile`` (the transform and the
+    post-processing stay eager: our kernels are single ops either way)."""
+    import torch
+
+    from retina_fast.engine import precision
+    from retina_fast.models.fuse import prepare_for_inference
+
+    settings = precision.from_args(args, dev)
+    log.info("inference: %s", settings.describe())
+    model = prepare_for_inference(model, settings)
+    log.info("inference model: %d BatchNorms folded into their convolutions",
+             model._rf_inference_prepared["folded"])
+    if args.compile:
+        inner = getattr(model, "model", model)  # LabelMappedModel (eval --weights) holds the RetinaNet
+        for name in ("backbone", "head"):
+            setattr(inner, name, torch.compile(getattr(inner, name)))
+        model._rf_compiled = True
+        log.info("torch.compile: backbone and head (compiled at the first batch)")
+    return model, settings
+
+
+def _add_inference_flags(p):
+    from retina_fast.engine import precision
+
+    precision.add_flags(p)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone and head (the first batch compiles them: "
+                        "worth it for many images of one size)")
 
 
 # --- torchvision weights files for eval / predict (--weights FILE --arch NAME) -----------------
@@ -734,6 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-size", type=int, help="longer side at most (default: the model's, scaled like --min-size)")
     _add_runtime_flags(e, omp=False)
     e.set_defaults(func=cmd_eval)
+    _add_inference_flags(e)
     _add_eval_flags(e)
 
     pr = sub.add_parser("predict", formatter_class=fmt, help="draw detections on images",
@@ -749,6 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--format", choices=["png", "jpg"], help="output image format (default: like the input)")
     _add_runtime_flags(pr, omp=False)
     pr.set_defaults(func=cmd_predict)
+    _add_inference_flags(pr)
     pr.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     pr.add_argument("--min-size", type=int,
                     help="resize the shorter side to this (default: the model's, e.g. 160 for "

@@ -59,10 +59,20 @@ class _Padded(nn.Module):
         return d["boxes"], d["scores"], d["labels"], d["counts"]
 
 
-def export_program(model: nn.Module, images: Sequence[Tensor], padded: bool = False):
+def _for_export(model: nn.Module, fold: bool) -> nn.Module:
+    # A folded copy (float32, NCHW): the exported graph has no BatchNorm left to run.
+    from retina_fast.models.fuse import prepare_for_inference
+
+    return prepare_for_inference(model) if fold else model.eval()
+
+
+def export_program(model: nn.Module, images: Sequence[Tensor], padded: bool = False, fold: bool = True):
     """``torch.export.export`` of ``model`` in eval mode on ``images`` (a list of Tensor[3, H, W];
-    the program takes that many images of those sizes). See the module docstring."""
-    model = model.eval()
+    the program takes that many images of those sizes). See the module docstring. ``fold``: the
+    program is of a copy with the BatchNorms folded into their convolutions
+    (:func:`retina_fast.models.fuse.fold_batchnorms`; ``model`` itself is untouched), equal to
+    the model up to float32 rounding; ``fold=False`` exports the model as it is."""
+    model = _for_export(model, fold)
     module = _Padded(model).eval() if padded else model
     with torch.no_grad():
         return torch.export.export(module, (list(images),))
@@ -75,14 +85,14 @@ def load_program(path: str):
     return torch.export.load(path)
 
 
-def build_aoti(model: nn.Module, images: Sequence[Tensor], path: str) -> str:
+def build_aoti(model: nn.Module, images: Sequence[Tensor], path: str, fold: bool = True) -> str:
     """Export the padded program (:func:`export_program` ``padded=True``) and compile it with
     AOTInductor into the package ``path`` (``.pt2``); returns the package path.
 
     Padded because AOTInductor's C++ wrapper cannot yet slice by an unbacked size (torch 2.14
     emits ``None < 0 ? None + 300L : None`` for the list-of-dicts program's ``boxes[b, :n]``);
     :func:`load_aoti` splits the padded rows in Python, which gives the same detections."""
-    ep = export_program(model, images, padded=True)
+    ep = export_program(model, images, padded=True, fold=fold)
     return torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
 
 
@@ -143,14 +153,15 @@ def _recipe(model) -> dict:
 
 
 def export_onnx(model: nn.Module, path: str, images: Optional[Sequence[Tensor]] = None, dynamic: bool = True,
-                opset: int = 18) -> str:
+                opset: int = 18, fold: bool = True) -> str:
     """ONNX of :class:`HeadOutputs` (dynamic batch, height and width when ``dynamic``), traced
     on ``images`` passed through the model's transform (default: two 480x640 images). The
     model's transform, anchors and post-processing settings go into the file's metadata for
-    :class:`OnnxRetinaNet`. Needs the ``onnx`` and ``onnxscript`` packages."""
+    :class:`OnnxRetinaNet`. Needs the ``onnx`` and ``onnxscript`` packages. ``fold``: as for
+    :func:`export_program`."""
     import onnx
 
-    model = model.eval()
+    model = _for_export(model, fold)
     images = list(images) if images is not None else example_images(2)
     with torch.no_grad():
         batch = model.transform(images)[0].tensors

@@ -270,3 +270,45 @@ def test_main_called_from_python_never_replaces_the_process(monkeypatch, capsys,
     # a notebook's sys.argv is not the script: no restart even with argv=None
     monkeypatch.setattr(sys, "argv", ["/usr/lib/ipykernel_launcher.py", "-f", "kernel.json"])
     assert cli.main(argv + ["--omp-wait-policy", "passive"]) == 2
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("pycocotools") is None, reason="needs pycocotools")
+def test_eval_and_predict_precision_flags(tmp_path, capsys, monkeypatch):
+    """eval / predict --precision, --no-channels-last and --compile, in process on a tiny
+    checkpoint and 3 images: the settings reach metrics.json; --compile hands the backbone and
+    the head (only) to torch.compile (here a stand-in: compiling takes minutes on 2 cores)."""
+    import torch
+
+    from retina_fast.cli import main
+    from retina_fast.engine import build_model
+    from retina_fast.engine.checkpoint import FORMAT
+    from tests.engine.test_evaluate import _dataset
+
+    ds = _dataset(tmp_path)
+    kw = {"widths": [8, 8, 16, 16, 16], "fpn_channels": 16, "min_size": 64}
+    torch.manual_seed(0)
+    model = build_model("shapes-small", 2, **kw)
+    torch.save({"format": FORMAT, "model": model.state_dict(), "categories": ds.categories,
+                "model_config": {"name": "shapes-small", "num_classes": 2, "kwargs": kw}}, tmp_path / "ck.pt")
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **k: compiled.append(type(m).__name__) or m)
+    common = ["--checkpoint", tmp_path / "ck.pt", "--threads", 1]
+    n = torch.get_num_threads()
+    try:
+        for flags, want in ((["--precision", "fp32", "--no-channels-last"], ("fp32", False)),
+                            (["--precision", "bf16"], ("bf16", True))):
+            out = tmp_path / f"ev-{want[0]}"
+            rc = main(["eval", *common, "--ann", tmp_path / "instances.json", "--images", tmp_path / "images",
+                       "--out", out, "--progress", "none", *flags])
+            assert rc == 0, capsys.readouterr().err
+            got = json.load(open(out / "metrics.json"))["precision"]
+            assert (got["precision"], got["channels_last"], got["folded"]) == (*want, 10)
+        rc = main(["predict", tmp_path / "images", *common, "--out", tmp_path / "pred", "--precision", "bf16",
+                   "--compile"])
+        err = capsys.readouterr().err
+        assert rc == 0, err
+        assert compiled == ["PlainConvFPNBackbone", "RetinaNetHead"]
+        assert "precision bf16" in err and "10 BatchNorms folded" in err and "torch.compile: the first batch" in err
+        assert len(json.load(open(tmp_path / "pred" / "predictions.json"))["images"]) == 3
+    finally:
+        torch.set_num_threads(n)

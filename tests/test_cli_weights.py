@@ -19,6 +19,9 @@ from tests.tv_weights import (
 pytest.importorskip("pycocotools")
 RUN = ["--device", "cpu", "--threads", "1"]
 SMALL = ["--min-size", SIZE["min_size"], "--max-size", SIZE["max_size"]]
+# eval / predict against torchvision's float32 detections: float32, NCHW (the default, auto,
+# may be bfloat16 + channels_last); the BatchNorms are still folded (float32 rounding)
+FP32 = ["--precision", "fp32", "--no-channels-last"]
 
 
 def _wait(procs):
@@ -58,10 +61,10 @@ def test_eval_with_torchvision_weights_gives_pycocotools_numbers_on_torchvision_
     runs = {}
     for kind, how in (("coco_ids", "id"), ("renumbered", "auto")):  # auto: by name, all are COCO names
         runs[kind] = ["eval", "--weights", tvw["v1"], "--data", tvw[kind][0], "--out", tmp_path / kind,
-                      "--label-map", how, "--coco-backend", "pycocotools", "--progress", "none", *SMALL, *RUN]
+                      "--label-map", how, "--coco-backend", "pycocotools", "--progress", "none", *SMALL, *FP32, *RUN]
     runs["v2"] = ["eval", "--weights", tvw["v2"], "--arch", "retinanet_resnet50_fpn_v2", "--data",
                   tvw["v2_data"][0], "--out", tmp_path / "v2", "--coco-backend", "pycocotools",
-                  "--progress", "none", *SMALL, *RUN]
+                  "--progress", "none", *SMALL, *FP32, *RUN]
     procs = dict(zip(runs, _wait([_popen(a) for a in runs.values()])))
     for name, p in procs.items():
         _ok(p)
@@ -82,7 +85,7 @@ def test_eval_with_torchvision_weights_gives_pycocotools_numbers_on_torchvision_
 def test_predict_with_torchvision_weights_gives_torchvision_detections(tvw, tmp_path):
     folder = os.path.join(tvw["coco_ids"][0], "images")
     p = _ok(_wait([_popen(["predict", folder, "--weights", tvw["v1"], "--out", tmp_path / "pred",
-                           "--batch-size", 8, "--score-thresh", 0.5, *SMALL, *RUN])])[0])
+                           "--batch-size", 8, "--score-thresh", 0.5, *SMALL, *FP32, *RUN])])[0])
     got = json.load(open(tmp_path / "pred" / "coco_results.json"))
     want = results_of(tvw["v1", "dets"], {i: i for i in range(91)})  # every label: COCO ids
     assert len(got) == len(want) > 100

@@ -63,14 +63,24 @@ def _our_ops(ep):
     return {str(n.target) for n in ep.graph.nodes if n.op == "call_function" and "retina_fast" in str(n.target)}
 
 
+# Exports fold the BatchNorms into the convolutions (retina_fast.models.fuse): the program
+# computes the eager model's function up to float32 rounding (measured on TINY: scores 6e-8,
+# boxes 1.1e-5 px), so it is compared with the unfolded eager model within these tolerances;
+# fold=False exports the model as it is, bitwise equal to eager (the same kernels run).
+FOLD_TOL = {"score_atol": 1e-5, "box_atol": 1e-3, "first": 250}
+
+
 def test_torch_export_matches_eager_and_keeps_our_ops(tiny):
     m, _, ref = tiny
     assert all(len(r["scores"]) > 100 for r in ref)
     ep = rx.export_program(m, IMAGES)
     assert "retina_fast.postprocess_detections.default" in _our_ops(ep)
+    assert not any("batch_norm" in str(n.target) for n in ep.graph.nodes)
+    assert any(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())  # the model itself is untouched
     with torch.no_grad():
-        _same(ep.module()(IMAGES), ref)  # bitwise: the same kernels run
-        padded = rx.export_program(m, IMAGES, padded=True).module()(IMAGES)
+        _same(ep.module()(IMAGES), ref, **FOLD_TOL)
+        _same(rx.export_program(m, IMAGES, fold=False).module()(IMAGES), ref)  # bitwise
+        padded = rx.export_program(m, IMAGES, padded=True, fold=False).module()(IMAGES)
         want = m.forward_padded(IMAGES)
     assert all(torch.equal(a, want[k]) for a, k in zip(padded, ("boxes", "scores", "labels", "counts")))
     assert padded[3].tolist() == [len(r["scores"]) for r in ref]
@@ -84,7 +94,7 @@ def test_torch_export_of_a_torchvision_architecture():
     images = rx.example_images(2, (90, 120))
     with torch.no_grad():
         ref = m(images)
-        _same(rx.export_program(m, images).module()(images), ref)
+        _same(rx.export_program(m, images).module()(images), ref, **FOLD_TOL)
 
 
 def test_graph_breaks_only_the_one_host_read(tiny):
@@ -155,7 +165,7 @@ def test_aoti_package_from_the_cli_gives_the_same_detections_in_a_fresh_process(
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     got = torch.load(tmp_path / "o.pt", weights_only=True)
-    _same(got["export"], ref)  # the exported program: bitwise
+    _same(got["export"], ref, **FOLD_TOL)  # the exported program: the folded model
     # AOTInductor generates its own C++ for the convolutions' epilogues (measured: scores 7e-9,
     # boxes 1.1e-5 px off); our post-processing kernel runs as it is.
     _same(got["aoti"], ref, score_atol=1e-6, box_atol=1e-3)

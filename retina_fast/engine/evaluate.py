@@ -8,13 +8,22 @@ h]``, ``score``), ``metrics.json`` (the 12 standard numbers by name, the printed
 ``per_class.csv`` and ``pr_curves.png`` (a precision-recall panel per class), prints the
 summary and the per-class table, and returns the metrics dict. The COCOeval backend is chosen
 by :func:`retina_fast.engine.coco_backends.resolve_backend`.
+
+``settings`` (a :class:`~retina_fast.engine.precision.RunSettings`; None: float32, NCHW, the
+model as given) runs a copy of the model made by
+:func:`retina_fast.models.fuse.prepare_for_inference` (BatchNorms folded, weights in the
+precision and memory format) under ``settings.autocast()``; detections are float32 either
+way, and ``metrics.json`` then says which settings ran (``"precision"``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 import os
+import time
 
 import torch
 
@@ -24,7 +33,32 @@ from retina_fast.engine.coco_backends import (
 )
 from retina_fast.engine.logging_utils import Progress
 
-__all__ = ["STAT_NAMES", "coco_evaluate", "coco_results", "detect_dataset", "evaluate"]
+__all__ = ["STAT_NAMES", "coco_evaluate", "coco_results", "detect_dataset", "evaluate", "inference_model"]
+
+log = logging.getLogger("retina_fast")
+
+
+def inference_model(model, settings=None):
+    """``model`` itself for ``settings`` None (float32, NCHW: as given), else the copy of
+    :func:`retina_fast.models.fuse.prepare_for_inference` (once: a model it made is kept)."""
+    done = getattr(model, "_rf_inference_prepared", None)
+    if settings is None:
+        return model
+    if done is not None:
+        if (done["precision"], done["channels_last"]) != (settings.precision, settings.channels_last):
+            raise ValueError(f"the model was prepared for {done['precision']}"
+                             f"{', channels_last' if done['channels_last'] else ''}, not for {settings.describe()}")
+        return model
+    from retina_fast.models.fuse import prepare_for_inference
+
+    return prepare_for_inference(model, settings)
+
+
+def log_first_batch(model, seconds: float) -> None:
+    """Where the model's backbone and head were given to ``torch.compile`` (``--compile``),
+    the first batch is when they compile: say how long it took."""
+    if getattr(model, "_rf_compiled", False):
+        log.info("torch.compile: the first batch, compiling the backbone and head, took %.1f s", seconds)
 
 
 def coco_results(det: dict, image_id, label_to_cat_id=None) -> list:
@@ -43,10 +77,13 @@ def coco_results(det: dict, image_id, label_to_cat_id=None) -> list:
 
 @torch.no_grad()
 def detect_dataset(model, dataset, device="cpu", batch_size: int = 8, workers: int = 0,
-                   progress: str = "none") -> list:
+                   progress: str = "none", settings=None) -> list:
     """Run ``model`` over ``dataset`` and return detections in COCO results format.
-    ``progress``: ``auto``/``bar``/``lines``/``none`` (lines about every tenth of the set)."""
+    ``progress``: ``auto``/``bar``/``lines``/``none`` (lines about every tenth of the set);
+    ``settings``: see the module docstring."""
+    model = inference_model(model, settings)
     model.eval()
+    autocast = settings.autocast if settings is not None else contextlib.nullcontext
     sampler = EpochSampler(len(dataset), shuffle=False)
     loader = make_loader(dataset, batch_size, sampler, num_workers=workers, drop_last=False)
     n_batches = len(loader)
@@ -55,7 +92,11 @@ def detect_dataset(model, dataset, device="cpu", batch_size: int = 8, workers: i
     results, seen = [], 0
     try:
         for images, targets in loader:
-            outs = model([im.to(device) for im in images])
+            t0 = time.perf_counter()
+            with autocast():
+                outs = model([im.to(device) for im in images])
+            if not seen:
+                log_first_batch(model, time.perf_counter() - t0)
             for out, t in zip(outs, targets):
                 results += coco_results(out, t["image_id"], dataset.label_to_cat_id)
             seen += len(images)
@@ -86,13 +127,16 @@ def coco_evaluate(coco_gt, results: list, image_ids=None, backend: str = "auto")
 
 def evaluate(model, dataset, out_dir: str | None = None, device="cpu", batch_size: int = 8,
              workers: int = 0, verbose: bool = True, progress: str = "none",
-             coco_backend: str = "auto") -> dict:
-    results = detect_dataset(model, dataset, device, batch_size, workers, progress=progress)
+             coco_backend: str = "auto", settings=None) -> dict:
+    model = inference_model(model, settings)
+    results = detect_dataset(model, dataset, device, batch_size, workers, progress=progress, settings=settings)
     image_ids = [im["id"] for im in dataset.images]
     res = run_cocoeval(dataset.dataset, results, image_ids, coco_backend)
     metrics = _metrics(res, dataset.dataset, image_ids, not results)
     metrics["num_images"] = len(dataset)
     metrics["num_detections"] = len(results)
+    if settings is not None:
+        metrics["precision"] = dict(getattr(model, "_rf_inference_prepared", None) or settings.as_dict())
     if verbose:
         print(metrics["summary"], flush=True)
         print(per_class_text(metrics["per_class"], metrics), flush=True)

@@ -92,18 +92,27 @@ def set_input_size(model, min_size: int | None = None, max_size: int | None = No
 
 @torch.no_grad()
 def predict_images(model, paths, out_dir: str, class_names, device="cpu", score_thresh=0.3,
-                   image_format: str | None = None, label_to_cat_id=None, batch_size: int = 1) -> list:
+                   image_format: str | None = None, label_to_cat_id=None, batch_size: int = 1,
+                   settings=None) -> list:
     """Detect on the images, ``batch_size`` at a time, and save ``<out_dir>/<name>.<png|jpg>``
     with boxes drawn, ``<out_dir>/predictions.json`` (per image: file, ``image_id``, boxes
     ``xyxy`` in pixels, scores, labels, class names; detections at or above ``score_thresh``)
     and ``<out_dir>/coco_results.json`` (every detection the model returns, COCO results
     format, ``bbox`` as ``[x, y, w, h]``; ids from :func:`image_ids_for`). Images are read
-    upright (EXIF orientation applied); unreadable ones are skipped with a warning."""
-    from retina_fast.engine.evaluate import coco_results
+    upright (EXIF orientation applied); unreadable ones are skipped with a warning.
+    ``settings`` (a :class:`~retina_fast.engine.precision.RunSettings`; None: float32, the
+    model as given): a copy prepared by :func:`retina_fast.models.fuse.prepare_for_inference`
+    runs under ``settings.autocast()``; detections are float32 either way."""
+    import contextlib
+    import time
+
+    from retina_fast.engine.evaluate import coco_results, inference_model, log_first_batch
 
     os.makedirs(out_dir, exist_ok=True)
+    model = inference_model(model, settings)
     model.eval()
-    records, results = [], []
+    autocast = settings.autocast if settings is not None else contextlib.nullcontext
+    records, results, first = [], [], True
     image_ids = image_ids_for(paths)
     for start in range(0, len(paths), max(1, int(batch_size))):
         batch = []
@@ -114,7 +123,12 @@ def predict_images(model, paths, out_dir: str, class_names, device="cpu", score_
                 log.warning("skipping unreadable image %s (%s)", paths[i], str(e).splitlines()[0][:120])
         if not batch:
             continue
-        dets = model([img.float().div(255).to(device) for _, _, img in batch])
+        t0 = time.perf_counter()
+        with autocast():
+            dets = model([img.float().div(255).to(device) for _, _, img in batch])
+        if first:
+            log_first_batch(model, time.perf_counter() - t0)
+            first = False
         for (i, path, img), det in zip(batch, dets):
             det = {k: v.cpu() for k, v in det.items()}
             image_id = image_ids[i]

@@ -197,3 +197,60 @@ def test_prediction_image_ids_and_input_size():
     assert (m.transform.min_size, m.transform.max_size) == ((320,), 320)
     set_input_size(m, 200, 500)
     assert (m.transform.min_size, m.transform.max_size) == ((200,), 500)
+
+
+def _tiny_detector():
+    """A tiny shapes-small with BatchNorm statistics away from the identity and scores above
+    the threshold: the inference-prepared copy has folding and post-processing to do."""
+    from retina_fast.engine import build_model
+
+    torch.manual_seed(0)
+    m = build_model("shapes-small", 2, widths=[8, 8, 16, 16, 16], fpn_channels=16, min_size=64,
+                    score_thresh=0.05)
+    with torch.no_grad():
+        for bn in m.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.running_mean.uniform_(-0.2, 0.2)
+                bn.running_var.uniform_(0.5, 2.0)
+        m.head.classification_head.cls_logits.bias.normal_(-1.5, 0.5)
+    return m.eval()
+
+
+def test_evaluate_and_predict_with_run_settings(tmp_path):
+    """settings=None runs the model as given (float32, NCHW); bf16 + channels_last runs a
+    prepared copy (BatchNorms folded, bfloat16 weights) under autocast: float32 detections close
+    to the float32 model's, the caller's model untouched, metrics.json says what ran."""
+    from retina_fast.engine.precision import resolve
+
+    ds = _dataset(tmp_path)
+    model = _tiny_detector()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = detect_dataset(model, ds, batch_size=2)
+    assert ref == detect_dataset(model, ds, batch_size=2, settings=None)
+    fp32 = detect_dataset(model, ds, batch_size=2, settings=resolve("fp32", False, "cpu"))
+    assert len(ref) > 10 and len(fp32) == len(ref)
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(fp32, ref)) < 1e-4
+    bf16 = resolve("bf16", True, "cpu")
+    m = evaluate(model, ds, str(tmp_path / "ev"), batch_size=2, verbose=False, settings=bf16)
+    assert m["precision"]["precision"] == "bf16" and m["precision"]["channels_last"]
+    assert m["precision"]["folded"] == 10
+    assert json.load(open(tmp_path / "ev" / "metrics.json"))["precision"] == m["precision"]
+    dets = json.load(open(tmp_path / "ev" / "detections.json"))
+    assert len(dets) == m["num_detections"] > 0 and all(isinstance(d["score"], float) for d in dets)
+    best = max(r["score"] for r in ref)
+    assert abs(max(d["score"] for d in dets) - best) < 2e-2
+    assert "precision" not in evaluate(model, ds, None, batch_size=2, verbose=False)
+    from retina_fast.models.fuse import prepare_for_inference
+
+    prepared = prepare_for_inference(model, bf16)
+    assert len(detect_dataset(prepared, ds, batch_size=2, settings=bf16)) == len(dets)  # prepared once only
+    with pytest.raises(ValueError, match="prepared for bf16, channels_last, not for precision fp32"):
+        detect_dataset(prepared, ds, settings=resolve("fp32", False, "cpu"))
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+    img = tmp_path / "images" / "1.png"
+    recs = predict_images(model, [str(img)], str(tmp_path / "pred"), ["a", "b"], score_thresh=0.0,
+                          settings=bf16)
+    want = predict_images(model, [str(img)], str(tmp_path / "pred32"), ["a", "b"], score_thresh=0.0)
+    assert len(recs[0]["scores"]) > 0 and abs(recs[0]["scores"][0] - want[0]["scores"][0]) < 2e-2
