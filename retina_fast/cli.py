@@ -286,10 +286,9 @@ def _inference_model(args, model, dev):
     post-processing stay eager: our kernels are single ops either way)."""
     import torch
 
-    from retina_fast.engine import precision
     from retina_fast.models.fuse import prepare_for_inference
 
-    settings = precision.from_args(args, dev)
+    settings = rprec.from_args(args, dev)
     log.info("inference: %s", settings.describe())
     model = prepare_for_inference(model, settings)
     log.info("inference model: %d BatchNorms folded into their convolutions",
@@ -304,9 +303,7 @@ def _inference_model(args, model, dev):
 
 
 def _add_inference_flags(p):
-    from retina_fast.engine import precision
-
-    precision.add_flags(p)
+    rprec.add_flags(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone and head (the first batch compiles them: "
                         "worth it for many images of one size)")
