@@ -30,7 +30,7 @@ from retina_fast.data import (
     train_transforms, write_shapes_coco,
 )
 from retina_fast.engine import precision as rprec
-from retina_fast.engine.evaluate import evaluate
+from retina_fast.engine.evaluate import evaluate, inference_model
 from retina_fast.engine.plots import plot_loss_curve
 from retina_fast.engine.predict import predict_images
 from retina_fast.engine.train import TrainConfig, check_writable_dir, resolve_device, train
@@ -73,8 +73,7 @@ def run_demo(out_dir: str = "retina_fast_demo", time_budget: float | None = None
         device=str(dev), seed=seed, time_budget=budget, max_iters=max_iters, log_every=50,
         progress=progress, overwrite=True,  # a demo run replaces the previous demo's results
     )
-    settings = rprec.resolve(("fp16" if dev.type == "cuda" else "bf16") if amp and precision == "auto"
-                             else precision, channels_last, dev)
+    settings = rprec.resolve(precision, channels_last, dev, amp=amp)
     print(f"[demo] training shapes-small on {dev} for {budget:.0f} s "
           f"(batch {batch_size}, {torch.get_num_threads()} threads, {workers} data workers; "
           f"{settings.describe()})", flush=True)
@@ -85,14 +84,15 @@ def run_demo(out_dir: str = "retina_fast_demo", time_budget: float | None = None
     val = CocoDetection(os.path.join(out_dir, "data", "val", "instances.json"),
                         os.path.join(out_dir, "data", "val", "images"), transforms=eval_transforms())
     model = result.model.eval()
-    metrics = evaluate(model, val, out_dir, device=dev, batch_size=16, progress=progress)
+    infer_model = inference_model(model, settings)  # folded, in the run's precision: prepared once
+    metrics = evaluate(infer_model, val, out_dir, device=dev, batch_size=16, progress=progress, settings=settings)
     t_eval = time.perf_counter() - t
 
     plot_loss_curve(result.history, os.path.join(out_dir, "loss_curve.png"),
                     title=f"shapes-small, {result.iterations} iterations, {result.train_seconds:.0f} s")
     paths = [os.path.join(val.image_dir, im["file_name"]) for im in val.images[:num_predictions]]
-    predict_images(model, paths, os.path.join(out_dir, "predictions"), val.class_names, device=dev,
-                   score_thresh=0.4, label_to_cat_id=val.label_to_cat_id)
+    predict_images(infer_model, paths, os.path.join(out_dir, "predictions"), val.class_names, device=dev,
+                   score_thresh=0.4, label_to_cat_id=val.label_to_cat_id, settings=settings)
 
     total = time.perf_counter() - t_start
     summary = {

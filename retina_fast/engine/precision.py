@@ -112,11 +112,15 @@ def cpu_features() -> dict:
     return {"amx": amx, "avx512_bf16": avx512_bf16, "onednn_bf16": onednn, "capability": cap}
 
 
-def resolve(precision: str = "auto", channels_last: bool | None = None, device="cpu") -> RunSettings:
+def resolve(precision: str = "auto", channels_last: bool | None = None, device="cpu",
+            amp: bool = False) -> RunSettings:
     """:class:`RunSettings` for ``precision`` (one of :data:`PRECISIONS`) and ``channels_last``
-    (None: the hardware's choice) on ``device``."""
+    (None: the hardware's choice) on ``device``. ``amp`` is the old switch: with ``precision``
+    ``auto`` it means bfloat16 on CPU, float16 on CUDA, whatever the hardware."""
     import torch
 
+    if amp and precision == "auto":
+        precision = "fp16" if torch.device(device).type == "cuda" else "bf16"
     if precision not in PRECISIONS:
         raise RetinaFastError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     dev = torch.device(device) if not isinstance(device, torch.device) else device
@@ -177,9 +181,5 @@ def add_flags(p) -> None:
 def from_args(args, device) -> RunSettings:
     """The settings for a parsed command line; the old ``--amp`` means ``--precision``
     bf16 on CPU / fp16 on CUDA when ``--precision`` is left at auto."""
-    import torch
-
-    precision = getattr(args, "precision", "auto") or "auto"
-    if getattr(args, "amp", False) and precision == "auto":
-        precision = "fp16" if torch.device(device).type == "cuda" else "bf16"
-    return resolve(precision, getattr(args, "channels_last", None), device)
+    return resolve(getattr(args, "precision", "auto") or "auto", getattr(args, "channels_last", None), device,
+                   amp=getattr(args, "amp", False))

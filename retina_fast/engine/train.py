@@ -249,9 +249,7 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
         for msg in init_weights(model, cfg.model, cfg.init_from, cfg.backbone_weights):
             if is_main:
                 log.info(msg)
-    settings = rprec.resolve(
-        ("fp16" if device.type == "cuda" else "bf16") if cfg.amp and cfg.precision == "auto" else cfg.precision,
-        cfg.channels_last, device)
+    settings = rprec.resolve(cfg.precision, cfg.channels_last, device, amp=cfg.amp)
     if is_main:
         log.info("training in %s", settings.describe())
     model = model.to(device, memory_format=settings.memory_format)
