@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -61,11 +62,31 @@ def collate_detection(batch):
     return list(images), list(targets)
 
 
+class _Nice:
+    """``worker_init_fn``: lower a worker's scheduling priority by ``n`` (picklable)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, worker_id):
+        try:
+            os.nice(self.n)
+        except OSError:  # not permitted: run at the parent's priority
+            pass
+
+
 def make_loader(dataset, batch_size: int, sampler, num_workers: int = 2, pin_memory: bool = False,
-                drop_last: bool = True):
+                drop_last: bool = True, worker_nice: int = 0):
+    """A DataLoader of ``(images, targets)`` lists. ``worker_nice``: the workers' niceness
+    increment. Training on the CPU sets it: the workers share the cores with the training
+    step, whose OpenMP threads all wait for the slowest one, so a worker that preempts one of
+    them stalls the step; at a lower priority the workers take the cores' idle moments
+    instead (measured in the README: end-to-end throughput 0.77 -> 0.83 of compute-only)."""
     kw = {}
     if num_workers > 0:
         kw.update(persistent_workers=True, prefetch_factor=4)
+        if worker_nice:
+            kw.update(worker_init_fn=_Nice(worker_nice))
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         collate_fn=collate_detection, pin_memory=pin_memory, drop_last=drop_last, **kw)
