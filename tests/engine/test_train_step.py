@@ -212,3 +212,40 @@ def test_trainer_compile_follows_eager(tmp_path):
     torch._dynamo.reset()
     assert len(runs[True]) == 3
     assert runs[True] == pytest.approx(runs[False], rel=2e-3), runs
+
+
+class _NaNBoxes:
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        img, t = self.base[key]
+        t = dict(t, boxes=t["boxes"].clone())
+        t["boxes"][0, 1] = float("nan")
+        return img, t
+
+
+def test_trainer_compile_stops_on_bad_data_like_eager(tmp_path):
+    """pad_batch's InputError is caught where forward's is: the same BadTrainingDataError."""
+    from retina_fast.engine.train import BadTrainingDataError
+
+    msgs = []
+    for compile in (False, True):
+        with pytest.raises(BadTrainingDataError) as e:
+            train(tiny_config(tmp_path / str(compile), batch_size=2, compile=compile), _NaNBoxes(tiny_stream(4)),
+                  CATEGORIES)
+        msgs.append(str(e.value).replace(str(tmp_path / str(compile)), "OUT"))
+    assert msgs[0] == msgs[1] and "positive height and width" in msgs[0], msgs
+
+
+def test_pad_batch_size_bucket_and_memory_format():
+    model = _model()
+    images, targets = _batch([2, 1])
+    batch = pad_batch(model, images, targets, size_bucket=96, memory_format=torch.channels_last)
+    assert batch.images.shape == (2, 3, 96, 96) and batch.image_sizes == [(64, 64), (64, 64)]
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    plain = pad_batch(model, images, targets)
+    assert torch.equal(batch.images[..., :64, :64], plain.images) and (batch.images[..., 64:, :] == 0).all()
