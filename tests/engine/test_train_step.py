@@ -249,3 +249,21 @@ def test_pad_batch_size_bucket_and_memory_format():
     assert batch.images.is_contiguous(memory_format=torch.channels_last)
     plain = pad_batch(model, images, targets)
     assert torch.equal(batch.images[..., :64, :64], plain.images) and (batch.images[..., 64:, :] == 0).all()
+
+
+def test_a_new_bucket_compiles_one_dynamic_graph():
+    """Past the bucket, dynamo recompiles once with M symbolic (automatic dynamic shapes); that
+    graph then serves every M and still equals eager (aot_eager: no codegen, exact)."""
+    model = _model()
+    twin = copy.deepcopy(model)
+    torch._dynamo.reset()
+    step = make_train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), compile=True, backend="aot_eager")
+    eager = make_train_step(twin, torch.optim.SGD(twin.parameters(), lr=0.0))
+    graphs = []
+    for seed, counts in enumerate(([3, 2], [12, 1], [40, 5], [2, 9])):
+        batch = pad_batch(model, *_batch(counts, seed=seed))
+        got, want = step(batch)[0], eager(batch)[0]
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        graphs.append(_unique_graphs())
+    torch._dynamo.reset()
+    assert [g - graphs[0] for g in graphs] == [0, 1, 1, 1], graphs
