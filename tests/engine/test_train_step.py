@@ -102,10 +102,15 @@ def test_pad_batch_raises_forwards_errors(bad):
     assert str(got.value) == str(want.value)
 
 
-def test_no_graph_break_in_forward_loss_or_whole_step():
+@pytest.mark.parametrize("precision", ["fp32", "bf16_channels_last"])
+def test_no_graph_break_in_forward_loss_or_whole_step(precision):
     model = _model()
-    batch = pad_batch(model, *_batch([3, 1]))
-    eager = make_train_step(model)
+    autocast, fmt = None, None
+    if precision != "fp32":
+        model = model.to(memory_format=torch.channels_last)
+        autocast, fmt = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), torch.channels_last
+    batch = pad_batch(model, *_batch([3, 1]), memory_format=fmt)
+    eager = make_train_step(model, autocast=autocast)
     torch._dynamo.reset()
     ex = torch._dynamo.explain(eager.forward_loss_fn)(*batch.tensors())
     assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
