@@ -169,14 +169,16 @@ def make_train_step(model, optimizer=None, *, compile: bool = False, autocast=No
         (loss if scale is None else loss * scale).backward()
         return loss.detach(), {k: v.detach() for k, v in losses.items()}
 
-    if compile:
-        forward_loss = torch.compile(forward_loss, fullgraph=True, **compile_kwargs)
-        step_kwargs = dict(compile_kwargs)
-        if step_kwargs.get("backend", "inductor") == "inductor" and "mode" not in step_kwargs:
-            # The whole step's graph returns no tensor that needs a gradient, so inductor takes it
-            # for an inference graph and converts the convolutions to channels_last around
-            # oneDNN ("layout optimization"): measured 4x slower than eager on the CPU
-            # (shapes-small b16 160 px: 870 vs 220 ms); without it, eager's speed.
-            step_kwargs["options"] = {"layout_optimization": False, **step_kwargs.get("options", {})}
-        step = torch.compile(step, fullgraph=True, **step_kwargs)
-    return TrainStep(model, forward_loss, step if whole_step else None, optimizer, scaler)
+    if not compile:
+        return TrainStep(model, forward_loss, step if whole_step else None, optimizer, scaler)
+    step_kwargs = dict(compile_kwargs)
+    if step_kwargs.get("backend", "inductor") == "inductor" and "mode" not in step_kwargs:
+        # The whole step's graph returns no tensor that needs a gradient, so inductor takes it
+        # for an inference graph and converts the convolutions to channels_last around
+        # oneDNN ("layout optimization"): measured 4x slower than eager on the CPU
+        # (shapes-small b16 160 px: 870 vs 220 ms); without it, eager's speed. (torch.compile
+        # takes mode or options, not both: with a mode, inductor's default stays.)
+        step_kwargs["options"] = {"layout_optimization": False, **step_kwargs.get("options", {})}
+    # (step calls the plain forward_loss: dynamo traces it into the step's graph)
+    return TrainStep(model, torch.compile(forward_loss, fullgraph=True, **compile_kwargs),
+                     torch.compile(step, fullgraph=True, **step_kwargs) if whole_step else None, optimizer, scaler)
