@@ -139,7 +139,7 @@ class TrainStep:
 
 
 def make_train_step(model, optimizer=None, *, compile: bool = False, autocast=None, scaler=None,
-                    whole_step: bool = True, **compile_kwargs) -> TrainStep:
+                    whole_step: Optional[bool] = None, **compile_kwargs) -> TrainStep:
     """A training step over :class:`PaddedBatch` es (see :class:`TrainStep`).
 
     Args:
@@ -155,9 +155,13 @@ def make_train_step(model, optimizer=None, *, compile: bool = False, autocast=No
             each step, as ``optimizer.zero_grad(set_to_none=True)`` leaves them, else it
             recompiles once for the accumulating form). False: compile the forward and loss;
             the backward is AOTAutograd's compiled backward graph, run by ``loss.backward()``.
+            None (default): True where this torch has ``trace_autograd_ops`` (2.14 on), else
+            False (an older dynamo breaks the graph at ``loss.backward()``).
         compile_kwargs: more ``torch.compile`` arguments (``mode``, ``backend``, ``dynamic``).
     """
     ctx = autocast if autocast is not None else contextlib.nullcontext
+    if whole_step is None:
+        whole_step = hasattr(torch._dynamo.config, "trace_autograd_ops")
 
     def forward_loss(images, boxes, labels, counts, crowd):
         with ctx():

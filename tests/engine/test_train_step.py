@@ -115,6 +115,8 @@ def test_no_graph_break_in_forward_loss_or_whole_step(precision):
     torch._dynamo.reset()
     ex = torch._dynamo.explain(eager.forward_loss_fn)(*batch.tensors())
     assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        pytest.skip("this torch's dynamo cannot trace loss.backward() (torch >= 2.14 can)")
     # loss.backward() inside the function: traced as autograd.grad + .grad writes
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         model.zero_grad(set_to_none=True)
