@@ -44,6 +44,9 @@
 * ``time_budget`` (seconds): stop when it is spent, and fit the cosine schedule to it: the total
   iteration count is re-estimated from the measured speed every ``log_every`` iterations, so the
   learning rate reaches its floor as the budget runs out. Such a run is not bit-reproducible.
+* ``compile``: the step (forward, losses, backward) as one ``torch.compile(fullgraph=True)``
+  graph over a batch checked, transformed and padded on the host
+  (:mod:`retina_fast.engine.train_step`); single process only.
 * Metrics: every iteration's losses and lr (and img/s every ``log_every``) go to
   ``<out>/metrics.jsonl`` and, with ``tensorboard``, to TensorBoard scalars
   (:class:`~retina_fast.engine.logging_utils.MetricsLogger`). ``config``, the run's resolved
@@ -74,6 +77,7 @@ from retina_fast.engine.logging_utils import MetricsLogger, Progress
 from retina_fast.engine import precision as rprec
 from retina_fast.engine.model_factory import build_model, init_weights, param_groups, pretrained_kwargs
 from retina_fast.engine.schedule import WarmupSchedule
+from retina_fast.engine.train_step import make_train_step, pad_batch
 from retina_fast.models.loss import InputError
 
 log = logging.getLogger("retina_fast")
@@ -141,6 +145,7 @@ class TrainConfig:
     checkpoint_every_epoch: bool = True
     progress: str = "auto"          # auto | bar | lines | none
     tensorboard: bool = False       # scalars to <out>/tensorboard (needs the tensorboard package)
+    compile: bool = False           # torch.compile(fullgraph=True) of the whole step (engine/train_step.py)
 
 
 @dataclass
@@ -317,8 +322,21 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    # --compile: the batch is checked, transformed and padded on the host (pad_batch), then one
+    # compiled graph runs forward, losses, backward and the gradient writes (make_train_step).
+    compiled_step = None
+    if cfg.compile:
+        if world > 1:
+            raise RetinaFastError("--compile does not run under DDP yet (the compiled step calls the model "
+                                  "past DistributedDataParallel's forward); train without --compile")
+        compiled_step = make_train_step(
+            model, opt, compile=True, scaler=scaler,
+            autocast=settings.autocast)
+
+    # On the CPU the workers share the cores with the step: at nice 10 they take its idle
+    # moments instead of preempting its OpenMP threads (make_loader).
     loader = make_loader(dataset, cfg.batch_size, sampler, num_workers=cfg.workers,
-                         pin_memory=device.type == "cuda")
+                         pin_memory=device.type == "cuda", worker_nice=10 if device.type == "cpu" else 0)
 
     def save(epoch):
         # Every rank's RNG state, so each resumes its own stream.
@@ -377,9 +395,12 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
                 images, targets = _to_device(images, targets, device)
                 bad_input = None
                 try:
-                    with settings.autocast():
-                        losses = ddp_model(images, targets)
-                    loss = sum(losses.values())
+                    if compiled_step is not None:  # zero_grad, forward, losses and backward
+                        loss, losses = compiled_step(pad_batch(model, images, targets))
+                    else:
+                        with settings.autocast():
+                            losses = ddp_model(images, targets)
+                        loss = sum(losses.values())
                     finite = bool(torch.isfinite(loss).item())
                 except InputError as e:  # a target the model rejects: stop every rank alike
                     bad_input, finite, losses = str(e), False, {}
@@ -398,8 +419,9 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
                     rdist.all_reduce_mean(vals)
                 sched_fn.total_iters = int(flags[2].item())
 
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                if compiled_step is None:
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
                 if cfg.clip_grad and cfg.clip_grad > 0:
                     scaler.unscale_(opt)
                     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)

@@ -21,7 +21,8 @@ from retina_fast.models.anchors import AnchorGenerator, retinanet_anchor_generat
 from retina_fast.models.backbone import resnet_fpn_backbone
 from retina_fast.models.head import RetinaNetHead
 from retina_fast.models.loss import (
-    BOX_LOSSES, InputError, RetinaNetLoss, _check_target, check_degenerate_boxes, pack_targets,
+    BOX_LOSSES, InputError, PackedTargets, RetinaNetLoss, _check_target, check_degenerate_boxes,
+    pack_targets,
 )
 from retina_fast.ops.nms import postprocess_detections_padded
 
@@ -174,7 +175,13 @@ class RetinaNet(nn.Module):
         boxes, scores, labels, counts = self._forward(images, None)
         return {"boxes": boxes, "scores": scores, "labels": labels, "counts": counts}
 
-    def _forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]]):
+    def check_inputs(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]]
+                     ) -> List[Tuple[int, int]]:
+        """The host-side checks of ``forward``'s input (an :class:`InputError` naming what is
+        wrong); returns the images' original (h, w). In training every target is checked too
+        (the boxes' values are checked after the transform, by ``check_degenerate_boxes``)."""
+        if len(images) == 0:
+            raise InputError("images: expected a non-empty list of Tensor[C, H, W]")
         if self.training:
             if targets is None:
                 raise InputError("targets should not be none when in training mode")
@@ -198,6 +205,39 @@ class RetinaNet(nn.Module):
                 raise InputError(f"images[{i}]: an empty image, shape {list(img.shape)}")
             val = img.shape[-2:]
             original_image_sizes.append((val[0], val[1]))
+        return original_image_sizes
+
+    def forward_train_padded(self, images: Tensor, boxes: Tensor, labels: Tensor, counts: Tensor,
+                             crowd: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """Training losses from an already transformed, padded batch, with static shapes and no
+        host synchronisation: one graph under ``torch.compile(fullgraph=True)`` (forward and
+        loss; the backward is AOTAutograd's), what a CUDA-graph capture needs.
+
+        Args:
+            images (Tensor[B, C, H, W]): normalised and padded as ``self.transform`` does (H, W
+                multiples of its ``size_divisible``).
+            boxes (Tensor[B, M, 4] float): ``x1 y1 x2 y2`` in the transformed images' pixels;
+                rows at and past ``counts[b]`` are ignored whatever they hold.
+            labels (Tensor[B, M] int64): classes in ``[0, K)`` (padding rows ignored).
+            counts (Tensor[B] int64): valid rows per image, in ``[0, M]``.
+            crowd (Tensor[B, M] bool, optional): crowd rows (``iscrowd``). An all-False mask
+                gives the losses of ``None``, so a batch builder can always pass one (one graph).
+
+        Returns ``forward(images, targets)``'s ``{"classification", "bbox_regression"}`` for the
+        same batch. Nothing is validated here (that would read the device): build the batch
+        with :func:`retina_fast.engine.train_step.pad_batch`, which runs ``forward``'s checks
+        and transform on the host side.
+        """
+        features = self.backbone(images)
+        if isinstance(features, torch.Tensor):
+            features = OrderedDict([("0", features)])
+        features = list(features.values())
+        head_outputs = self.head(features)
+        anchors = self.anchors((images.shape[-2], images.shape[-1]), features)
+        return self.compute_loss([], head_outputs, anchors, PackedTargets(boxes, labels, counts, crowd))
+
+    def _forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]]):
+        original_image_sizes = self.check_inputs(images, targets)
 
         images, targets = self.transform(images, targets)
         packed = None
