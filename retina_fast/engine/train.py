@@ -333,10 +333,8 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
             model, opt, compile=True, scaler=scaler,
             autocast=settings.autocast)
 
-    # On the CPU the workers share the cores with the step: at nice 10 they take its idle
-    # moments instead of preempting its OpenMP threads (make_loader).
     loader = make_loader(dataset, cfg.batch_size, sampler, num_workers=cfg.workers,
-                         pin_memory=device.type == "cuda", worker_nice=10 if device.type == "cpu" else 0)
+                         pin_memory=device.type == "cuda")
 
     def save(epoch):
         # Every rank's RNG state, so each resumes its own stream.
