@@ -634,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _ArgumentParser(
         prog="retina-fast",
         description="Fast, exact RetinaNet: train, evaluate and run detectors on COCO-format data.",
-        epilog="Start with `retina-fast demo` (synthetic shapes, ~10 minutes on 2 CPU cores). "
+        epilog="Start with `retina-fast demo` (synthetic shapes, under 5 minutes on 2 CPU cores). "
                "`retina-fast COMMAND --help` explains each command.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -647,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "summary.json, train/checkpoint.pt.")
     d.add_argument("--out", default="retina_fast_demo", help="results folder")
     d.add_argument("--time-budget", type=float, default=None,
-                   help="seconds of training (default: 550 on CPU, 75 on GPU)")
+                   help="seconds of training (default: 240 on CPU, 75 on GPU)")
     d.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations")
     d.add_argument("--batch-size", type=int, default=16)
     d.add_argument("--lr", type=float, default=2e-3)
