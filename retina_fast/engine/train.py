@@ -257,9 +257,7 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
         for msg in init_weights(model, cfg.model, cfg.init_from, cfg.backbone_weights):
             if is_main:
                 log.info(msg)
-    settings = rprec.resolve(cfg.precision, cfg.channels_last, device, amp=cfg.amp)
-    if is_main:
-        log.info("training in %s", settings.describe())
+    settings = rprec.resolve(cfg.precision, cfg.channels_last, device, amp=cfg.amp)  # logged at the start
     model = model.to(device, memory_format=settings.memory_format)
     if cfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -375,6 +373,8 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
     speed_mark = (t0, it)
     stopped_by = "epochs"
     epoch = start_epoch - 1
+    if is_main:
+        log.info("training in %s", settings.describe())
     data_wait = 0.0
     ddp_model.train()
     try:

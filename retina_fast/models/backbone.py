@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
-from retina_fast.models.fpn import LastLevelMaxPool, LastLevelP6P7
+from retina_fast.models.fpn import LastLevelMaxPool, LastLevelP6P7, guard_tiny_maps
 
 __all__ = ["BackboneWithFPN", "resnet_fpn_backbone"]
 
@@ -73,4 +73,4 @@ def resnet_fpn_backbone(
             extra_blocks = LastLevelMaxPool()
         else:
             raise ValueError(f"p6_from must be 'p5', 'c5' or 'pool', got {p6_from!r}")
-    return BackboneWithFPN(body, return_layers, in_channels_list, fpn_channels, extra_blocks)
+    return BackboneWithFPN(body, return_layers, in_channels_list, fpn_channels, guard_tiny_maps(extra_blocks))

@@ -215,7 +215,7 @@ def test_trainer_compile_follows_eager(tmp_path):
     torch._dynamo.reset()
     runs = {}
     for compile in (False, True):
-        cfg = tiny_config(tmp_path / str(compile), epochs=1, batch_size=4, compile=compile)
+        cfg = tiny_config(tmp_path / str(compile), epochs=1, batch_size=4, compile=compile, precision="fp32")
         runs[compile] = [h["loss"] for h in train(cfg, tiny_stream(12), CATEGORIES).history]
     torch._dynamo.reset()
     assert len(runs[True]) == 3
