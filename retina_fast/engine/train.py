@@ -190,7 +190,7 @@ def check_writable_dir(path: str) -> None:
         raise RetinaFastError(f"cannot write to output folder {path}: {e.strerror or e}") from None
 
 
-def _to_device(images, targets, device, memory_format=None):
+def _to_device(images, targets, device):
     # uint8 images (train_transforms(to_float=False)) become float32 [0, 1] here, on the
     # device: the same values as ToFloat on a worker, a quarter of the bytes to ship.
     images = [im.to(device, non_blocking=True) for im in images]
