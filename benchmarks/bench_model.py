@@ -30,10 +30,10 @@ import json
 
 import pytest
 import torch
-from torchvision.models.detection import retinanet_resnet50_fpn as tv_retinanet
 
 import retina_fast
-from retina_fast.models import retinanet_resnet50_fpn
+from retina_fast.engine import precision as rprec
+from retina_fast.engine import speed
 from benchmarks import quick, record_untimed
 
 HAS_CUDA = torch.cuda.is_available() and retina_fast.cuda_built()
@@ -66,22 +66,10 @@ def _models(name):
     if name in _MODELS:
         return _MODELS[name]
     device, B, size, _ = _config(name)
-    torch.manual_seed(0)
-    tv = tv_retinanet(weights=None, weights_backbone=None, min_size=size, max_size=size)
-    with torch.no_grad():
-        tv.head.classification_head.cls_logits.bias.normal_(-4.0, 1.0)
-    ours = retinanet_resnet50_fpn("v1", min_size=size, max_size=size)
-    ours.load_state_dict(tv.state_dict(), strict=True)
+    tv, ours = speed.build_pair(size, device)  # the same models and inputs as `retina-fast bench model`
     patched = retina_fast.patch_torchvision(copy.deepcopy(tv))
-    g = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, size, size, generator=g).to(device) for _ in range(B)]
-    targets = []
-    for _ in range(B):
-        xy = torch.rand(10, 2, generator=g) * size * 0.7
-        wh = torch.rand(10, 2, generator=g) * size * 0.3 + 8
-        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
-                        "labels": torch.randint(0, 91, (10,), generator=g).to(device)})
-    models = {"torchvision": tv.to(device), "ours": ours.to(device), "patched": patched.to(device)}
+    images, targets = speed.example_inputs(B, size, device)
+    models = {"torchvision": tv, "ours": ours, "patched": patched}
     _MODELS[name] = (models, images, targets)
     return _MODELS[name]
 
@@ -365,42 +353,28 @@ _PAIRS = {}
 
 
 def _setting_models(setting):
-    from retina_fast.engine import precision as rprec
-    from retina_fast.engine import speed
-
     if setting not in _PAIRS:
         _, B, size, _ = CONFIGS["cpu-b2-512"]
         tv, ours = speed.build_pair(size, "cpu")
         s = rprec.resolve(*_SETTINGS[setting], "cpu")
-        images, targets = speed._inputs(B, size, "cpu")
+        images, targets = speed.example_inputs(B, size, "cpu")
         _PAIRS[setting] = (s, speed.prepared_pair(tv, ours, s, "cpu"), images, targets)
     return _PAIRS[setting]
 
 
 @pytest.mark.parametrize("impl", ["torchvision", "ours"])
 @pytest.mark.parametrize("setting", list(_SETTINGS))
-def test_train_step_setting(benchmark, setting, impl):
-    from retina_fast.engine import speed
-
+@pytest.mark.parametrize("phase", ["train_step", "inference"])
+def test_model_setting(benchmark, phase, setting, impl):
     if setting == "auto" and impl == "torchvision":
         pytest.skip("torchvision has no auto: its default is the fp32 row")
-    s, (tv_tr, ours_tr, _, _), images, targets = _setting_models(setting)
-    benchmark.group = f"train_step cpu-b2-512 {setting}"
+    s, (tv_tr, ours_tr, tv_ev, ours_ev), images, targets = _setting_models(setting)
+    benchmark.group = f"{phase} cpu-b2-512 {setting}"
     benchmark.extra_info["settings"] = s.as_dict()
-    step = speed.train_step_fn(tv_tr if impl == "torchvision" else ours_tr, images, targets, s, "cpu")
-    benchmark.pedantic(step, rounds=CONFIGS["cpu-b2-512"][3], warmup_rounds=1)
-
-
-@pytest.mark.parametrize("impl", ["torchvision", "ours"])
-@pytest.mark.parametrize("setting", list(_SETTINGS))
-def test_inference_setting(benchmark, setting, impl):
-    from retina_fast.engine import speed
-
-    if setting == "auto" and impl == "torchvision":
-        pytest.skip("torchvision has no auto: its default is the fp32 row")
-    s, (_, _, tv_ev, ours_ev), images, _ = _setting_models(setting)
-    benchmark.group = f"inference cpu-b2-512 {setting}"
-    benchmark.extra_info["settings"] = s.as_dict()
-    infer = speed.inference_fn(tv_ev if impl == "torchvision" else ours_ev, images, s, "cpu")
-    out = benchmark.pedantic(infer, rounds=CONFIGS["cpu-b2-512"][3], warmup_rounds=1)
-    benchmark.extra_info["detections_per_image"] = [len(d["scores"]) for d in out]
+    if phase == "train_step":
+        fn = speed.train_step_fn(tv_tr if impl == "torchvision" else ours_tr, images, targets, s, "cpu")
+    else:
+        fn = speed.inference_fn(tv_ev if impl == "torchvision" else ours_ev, images, s, "cpu")
+    out = benchmark.pedantic(fn, rounds=CONFIGS["cpu-b2-512"][3], warmup_rounds=1)
+    if phase == "inference":
+        benchmark.extra_info["detections_per_image"] = [len(d["scores"]) for d in out]

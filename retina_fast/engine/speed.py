@@ -57,7 +57,8 @@ def machine_info(device) -> dict:
     return info
 
 
-def _inputs(B: int, size: int, device, seed: int = 0):
+def example_inputs(B: int, size: int, device, seed: int = 0):
+    """``(images, targets)``: ``B`` random images of ``size`` px, 10 random boxes of 91 classes each."""
     g = torch.Generator().manual_seed(seed)
     images = [torch.rand(3, size, size, generator=g).to(device) for _ in range(B)]
     targets = []
@@ -153,7 +154,7 @@ def model_table(batch: int = 2, size: int = 512, device="cpu", rounds: int = 5, 
     the medians in ms and torchvision / ours ratios. ``log`` gets a line per measurement."""
     device = torch.device(device)
     tv, ours = build_pair(size, device)
-    images, targets = _inputs(batch, size, device)
+    images, targets = example_inputs(batch, size, device)
     fp32 = rprec.resolve("fp32", False, device)
     auto = rprec.resolve(default_precision, default_channels_last, device)
     out = {"machine": machine_info(device),
