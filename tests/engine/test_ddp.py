@@ -19,7 +19,7 @@ MODEL = {"widths": [8, 8, 16, 16, 16], "fpn_channels": 16, "min_size": 64, "norm
 def _cfg(out_dir, batch_size):
     return tiny_config(out_dir, model_kwargs=dict(MODEL), epochs=2, batch_size=batch_size,
                        optimizer="sgd", momentum=0.0, weight_decay=0.0, lr=0.05, clip_grad=0.0,
-                       warmup_iters=0, schedule="constant")
+                       warmup_iters=0, schedule="constant", precision="fp32")  # float32: bf16 rounds per split
 
 
 def _worker(rank, world, port, out_dir):
