@@ -26,13 +26,13 @@ import argparse
 import copy
 import functools
 import json
-import time
 from statistics import median
 
 import pytest
 import torch
 
 import retina_fast
+from retina_fast.engine.speed import interleaved_rounds
 from benchmarks import quick
 
 
@@ -183,19 +183,9 @@ def sweep(cases, rounds):
     for case in cases:
         fns = _pairs(case)
         check_equal(case, fns)
-        times = {k: [] for k in fns}
         with torch.no_grad() if case != "effdet" else torch.enable_grad():
-            reps = {}
-            for k, f in fns.items():  # calls per round: a round lasts >= 50 ms (short cases are noisy)
-                t0 = time.perf_counter()
-                f()
-                reps[k] = max(1, int(0.05 / max(time.perf_counter() - t0, 1e-6)))
-            for _ in range(rounds):
-                for k, f in fns.items():
-                    t0 = time.perf_counter()
-                    for _ in range(reps[k]):
-                        f()
-                    times[k].append((time.perf_counter() - t0) / reps[k])
+            # a round lasts >= 50 ms (short cases are noisy); the order fixed, as before
+            times = interleaved_rounds(fns, rounds, warmup=1, min_round_s=0.05, alternate=False)
         paired = median(u / p for u, p in zip(times["unpatched"], times["patched"]))
         print(f"| {case} | {1e3 * median(times['unpatched']):.1f} | {1e3 * median(times['patched']):.1f} "
               f"| {paired:.1f}x |", flush=True)

@@ -354,11 +354,9 @@ _PAIRS = {}
 
 def _setting_models(setting):
     if setting not in _PAIRS:
-        _, B, size, _ = CONFIGS["cpu-b2-512"]
-        tv, ours = speed.build_pair(size, "cpu")
+        models, images, targets = _models("cpu-b2-512")  # copied for each setting by prepared_pair
         s = rprec.resolve(*_SETTINGS[setting], "cpu")
-        images, targets = speed.example_inputs(B, size, "cpu")
-        _PAIRS[setting] = (s, speed.prepared_pair(tv, ours, s, "cpu"), images, targets)
+        _PAIRS[setting] = (s, speed.prepared_pair(models["torchvision"], models["ours"], s, "cpu"), images, targets)
     return _PAIRS[setting]
 
 

@@ -43,6 +43,7 @@ import pytest
 import torch
 
 import retina_fast.ops as R
+from retina_fast.engine.speed import interleaved_rounds
 from benchmarks import quick
 
 HAS_CUDA = torch.cuda.is_available()
@@ -176,22 +177,9 @@ def sweep(settings, densities, rounds, device="cpu"):
             cand = int((pred[:, 4:] > conf).sum()) if ml else int((pred[:, 4:].amax(1) > conf).sum())
             fns = _fns(U, pred, conf, iou, ml)
             assert_matches_ultralytics(fns["retina_fast"](), U, pred, conf, iou, ml)
-            times = {k: [] for k in fns}
-            reps = {}
-            for k, f in fns.items():  # calls per round: a round lasts >= 50 ms (short cases are noisy)
-                t0 = time.perf_counter()
-                f()
-                reps[k] = max(1, int(0.05 / max(time.perf_counter() - t0, 1e-6)))
-            for _ in range(rounds):
-                for k, f in fns.items():
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    for _ in range(reps[k]):
-                        f()
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                    times[k].append((time.perf_counter() - t0) / reps[k])
+            # a round lasts >= 50 ms (short cases are noisy); the order fixed, as before
+            times = interleaved_rounds(fns, rounds, warmup=1, min_round_s=0.05, alternate=False,
+                                       sync=torch.cuda.synchronize if device == "cuda" else None)
             ours, theirs = median(times["retina_fast"]), median(times["ultralytics"])
             paired = median(t / o for o, t in zip(times["retina_fast"], times["ultralytics"]))
             limit = 2.0 + 0.05 * B

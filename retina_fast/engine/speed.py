@@ -113,37 +113,62 @@ def inference_fn(model, images, settings, device):
     return infer
 
 
-def time_interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict:
-    """``{name: median seconds}``: each round calls every function once, in turn, the order
-    reversed every other round. (In one fixed order the same model timed second ran 7 % faster
-    than timed first, R50-FPN b2 512 px train step on the 2-core CPU: what the first call
-    leaves behind, in the allocator and the caches, helps the next.)"""
+def interleaved_rounds(fns: dict, rounds: int, warmup: int = 1, min_round_s: float = 0.0, sync=None,
+                       alternate: bool = True) -> dict:
+    """``{name: [seconds per call, one per round]}``: each round calls every function in turn.
+
+    ``warmup`` calls of each first; with ``min_round_s``, the first of them sets how many calls
+    a round makes of that function (at least ``min_round_s`` seconds: short calls are noisy).
+    ``sync`` (e.g. ``torch.cuda.synchronize``) is called around each timed stretch.
+    ``alternate``: reverse the order every other round. (In one fixed order the same model
+    timed second ran 7 % faster than timed first, R50-FPN b2 512 px train step on the 2-core
+    CPU: what the first call leaves behind, in the allocator and the caches, helps the next.)"""
+    sync = sync or (lambda: None)
     names = list(fns)
-    for _ in range(warmup):
+    reps = dict.fromkeys(names, 1)
+    for i in range(warmup):
         for k in names:
-            fns[k]()
-    times = {k: [] for k in fns}
-    for r in range(rounds):
-        for k in (names if r % 2 == 0 else names[::-1]):
             t = time.perf_counter()
             fns[k]()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+            sync()
+            if i == 0 and min_round_s:
+                reps[k] = max(1, int(min_round_s / max(time.perf_counter() - t, 1e-6)))
+    times = {k: [] for k in names}
+    for r in range(rounds):
+        for k in (names[::-1] if alternate and r % 2 else names):
+            sync()
+            t = time.perf_counter()
+            for _ in range(reps[k]):
+                fns[k]()
+            sync()
+            times[k].append((time.perf_counter() - t) / reps[k])
+    return times
 
 
-def settings_for(precision: str, channels_last, device):
-    return rprec.resolve(precision, channels_last, device)
+def time_interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict:
+    """``{name: median seconds}`` of :func:`interleaved_rounds` (order alternating)."""
+    return {k: statistics.median(v) for k, v in interleaved_rounds(fns, rounds, warmup).items()}
+
+
+def torchvision_for(tv, settings, device):
+    """torchvision's model in ``settings``' memory format (a copy; train step and inference)."""
+    return copy.deepcopy(tv).to(device, memory_format=settings.memory_format)
+
+
+def ours_for(ours, settings, device):
+    """``(train, eval)``: our model in ``settings``' memory format for the train step, and
+    :func:`~retina_fast.models.fuse.prepare_for_inference` of it for inference (copies)."""
+    from retina_fast.models.fuse import prepare_for_inference
+
+    return (copy.deepcopy(ours).to(device, memory_format=settings.memory_format),
+            prepare_for_inference(ours, settings))
 
 
 def prepared_pair(tv, ours, settings, device):
     """torchvision's and our model for ``settings``: (tv_train, ours_train, tv_eval, ours_eval)."""
-    from retina_fast.models.fuse import prepare_for_inference
-
-    fmt = settings.memory_format
-    tv_s = copy.deepcopy(tv).to(device, memory_format=fmt)
-    ours_s = copy.deepcopy(ours).to(device, memory_format=fmt)
-    ours_eval = prepare_for_inference(ours, settings)
-    return tv_s, ours_s, tv_s, ours_eval
+    tv_s = torchvision_for(tv, settings, device)
+    ours_train, ours_eval = ours_for(ours, settings, device)
+    return tv_s, ours_train, tv_s, ours_eval
 
 
 def model_table(batch: int = 2, size: int = 512, device="cpu", rounds: int = 5, warmup: int = 1,
@@ -163,8 +188,8 @@ def model_table(batch: int = 2, size: int = 512, device="cpu", rounds: int = 5, 
            "ours_default": auto.as_dict(), "rows": []}
 
     def measure(label, tv_settings, ours_settings):
-        tv_tr, _, tv_ev, _ = prepared_pair(tv, ours, tv_settings, device)
-        _, ours_tr, _, ours_ev = prepared_pair(tv, ours, ours_settings, device)
+        tv_tr = tv_ev = torchvision_for(tv, tv_settings, device)
+        ours_tr, ours_ev = ours_for(ours, ours_settings, device)
         row = {"setting": label, "torchvision": tv_settings.precision + ("+cl" if tv_settings.channels_last else ""),
                "ours": ours_settings.precision + ("+cl" if ours_settings.channels_last else "")}
         if train:
@@ -189,8 +214,10 @@ def model_table(batch: int = 2, size: int = 512, device="cpu", rounds: int = 5, 
         s = rprec.resolve(precision, cl, device)
         out["rows"].append(measure(f"like for like: {precision}{', channels_last' if cl else ', NCHW'}", s, s))
     if latency_rounds:
-        tv_ev = prepared_pair(tv, ours, fp32, device)[2]
-        ours_ev = prepared_pair(tv, ours, auto, device)[3]
+        from retina_fast.models.fuse import prepare_for_inference
+
+        tv_ev = torchvision_for(tv, fp32, device)
+        ours_ev = prepare_for_inference(ours, auto)
         t = time_interleaved({"tv": inference_fn(tv_ev, images[:1], fp32, device),
                               "ours": inference_fn(ours_ev, images[:1], auto, device)}, latency_rounds, warmup)
         out["latency"] = {"batch": 1, "tv_ms": round(t["tv"] * 1e3, 1), "ours_ms": round(t["ours"] * 1e3, 1),
