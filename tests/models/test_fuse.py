@@ -22,7 +22,9 @@ SMALL = {"min_size": 128, "max_size": 160}
 def _randomise_norms(model, seed=0):
     """BatchNorm statistics and affine parameters away from the identity (a fresh BatchNorm
     folds into a near-no-op); the classification bias spread so that scores pass the
-    threshold and post-processing has work."""
+    threshold and post-processing has work. FrozenBatchNorm2d gets running variances ~1e-4
+    (its weight scaled to match), as trained weights have, so that its eps (0 or 1e-5)
+    changes the result: a fold that ignored it would fail."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -32,6 +34,10 @@ def _randomise_norms(model, seed=0):
                 m.bias.copy_(torch.randn(n, generator=g) * 0.1)
                 m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+                if isinstance(m, FrozenBatchNorm2d):
+                    m.running_var.mul_(1e-4)
+                    m.running_mean.mul_(1e-2)
+                    m.weight.mul_(m.running_var.sqrt())
         cls = model.head.classification_head.cls_logits.bias
         cls.copy_(torch.randn(cls.shape, generator=g) * 0.5 - 2.0)
     return model.eval()
