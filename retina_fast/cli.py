@@ -290,9 +290,11 @@ def _inference_model(args, model, dev):
 
     settings = rprec.from_args(args, dev)
     log.info("inference: %s", settings.describe())
-    model = prepare_for_inference(model, settings)
-    log.info("inference model: %d BatchNorms folded into their convolutions",
-             model._rf_inference_prepared["folded"])
+    # oneDNN's fused convolutions are opaque to torch.compile: --compile keeps plain ones
+    model = prepare_for_inference(model, settings, pointwise=False if args.compile else None)
+    log.info("inference model: %d BatchNorms folded into their convolutions, %d convolutions fused with "
+             "their ReLU / residual add", model._rf_inference_prepared["folded"],
+             model._rf_inference_prepared["pointwise"])
     if args.compile:
         inner = getattr(model, "model", model)  # LabelMappedModel (eval --weights) holds the RetinaNet
         for name in ("backbone", "head"):
@@ -439,6 +441,9 @@ def _bench_model_parser():
     p.add_argument("--latency-rounds", type=int, default=10, help="batch-1 inference rounds (0: skip)")
     p.add_argument("--rows", default="fp32,fp32+cl,bf16,bf16+cl",
                    help="like-for-like settings, comma separated (PRECISION or PRECISION+cl); empty: none")
+    p.add_argument("--finetune-rows", default="fp32,fp32+cl,bf16,bf16+cl",
+                   help="like-for-like train-step settings of the fine-tuning layout (FrozenBatchNorm2d, "
+                        "3 trainable stages, as torchvision builds it with pretrained weights); empty: none")
     p.add_argument("--no-train", action="store_true", help="inference only")
     p.add_argument("--no-infer", action="store_true", help="train step only")
     p.add_argument("--json", metavar="FILE", help="write the table as JSON")
@@ -446,6 +451,17 @@ def _bench_model_parser():
     rprec.add_flags(p)
     _add_runtime_flags(p, omp=False)
     return p
+
+
+def _setting_rows(text: str, flag: str):
+    rows = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        prec, _, cl = item.partition("+")
+        if prec not in rprec.PRECISIONS[1:] or cl not in ("", "cl"):
+            raise RetinaFastError(f"argument {flag}: {item!r} is not PRECISION or PRECISION+cl "
+                                  f"(PRECISION one of {', '.join(rprec.PRECISIONS[1:])})")
+        rows.append((prec, cl == "cl"))
+    return rows
 
 
 def _bench_model(argv_rest):
@@ -461,13 +477,7 @@ def _bench_model(argv_rest):
     from retina_fast.engine.train import resolve_device
 
     dev = resolve_device(a.device)
-    rows = []
-    for item in filter(None, (x.strip() for x in a.rows.split(","))):
-        prec, _, cl = item.partition("+")
-        if prec not in rprec.PRECISIONS[1:] or cl not in ("", "cl"):
-            raise RetinaFastError(f"argument --rows: {item!r} is not PRECISION or PRECISION+cl "
-                                  f"(PRECISION one of {', '.join(rprec.PRECISIONS[1:])})")
-        rows.append((prec, cl == "cl"))
+    rows, finetune_rows = _setting_rows(a.rows, "--rows"), _setting_rows(a.finetune_rows, "--finetune-rows")
     info = speed.machine_info(dev)
     print(f"[bench] {info.get('cpu') or info.get('gpu')}; {info['threads']} threads; torch {info['torch']}"
           + (f"; AMX {info['amx']}, AVX-512-BF16 {info['avx512_bf16']}, flags {' '.join(info['cpu_flags'])}"
@@ -477,7 +487,7 @@ def _bench_model(argv_rest):
     table = speed.model_table(a.batch_size, a.size, dev, a.rounds, a.warmup, a.latency_rounds or None, rows,
                               train=not a.no_train, infer=not a.no_infer, default_precision=a.precision,
                               default_channels_last=a.channels_last,
-                              log=lambda line: print("[bench] " + line, flush=True))
+                              log=lambda line: print("[bench] " + line, flush=True), finetune_rows=finetune_rows)
     md = speed.markdown(table)
     print(md)
     if a.json:

@@ -19,6 +19,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from retina_fast.models import weights as rw
 from retina_fast.models.anchors import AnchorGenerator, retinanet_anchor_generator
 from retina_fast.models.backbone import resnet_fpn_backbone
+from retina_fast.models.fuse import drop_fast_eval, fast_eval_parts
 from retina_fast.models.head import RetinaNetHead
 from retina_fast.models.loss import (
     BOX_LOSSES, InputError, PackedTargets, RetinaNetLoss, _check_target, check_degenerate_boxes,
@@ -100,6 +101,23 @@ class RetinaNet(nn.Module):
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
         self.topk_candidates = topk_candidates
+
+    #: eval forwards on the CPU run a cached copy of the backbone and head with the BatchNorms
+    #: folded and each convolution fused with its ReLU and residual add (oneDNN): see
+    #: :func:`retina_fast.models.fuse.fast_eval_parts`. False: the modules as they are
+    #: (torchvision's arithmetic, bit for bit).
+    fast_inference: bool = True
+
+    def train(self, mode: bool = True):
+        if mode:
+            drop_fast_eval(self)
+        return super().train(mode)
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_rf_fast_eval", None)
+        return state
 
     # ---------------------------------------------------------------- pieces
 
@@ -245,11 +263,14 @@ class RetinaNet(nn.Module):
             packed = pack_targets(targets, images.tensors.device)
             check_degenerate_boxes(packed, targets, self.num_classes)
 
-        features = self.backbone(images.tensors)
+        backbone, head = self.backbone, self.head
+        if not self.training:
+            backbone, head = fast_eval_parts(self, images.tensors) or (backbone, head)
+        features = backbone(images.tensors)
         if isinstance(features, torch.Tensor):
             features = OrderedDict([("0", features)])
         features = list(features.values())
-        head_outputs = self.head(features)
+        head_outputs = head(features)
 
         if self.training:
             anchors = self.anchors(tuple(images.tensors.shape[-2:]), features)

@@ -196,3 +196,167 @@ def test_label_mapped_model_is_prepared_through_its_wrapper():
     with torch.no_grad(), settings.autocast():
         out = prepared(IMAGES)
     assert all(d["scores"].dtype == torch.float32 and set(d["labels"].tolist()) <= {0, 1} for d in out)
+
+
+# ------------------------------------------------------------------ fused convolutions (oneDNN)
+
+import copy  # noqa: E402
+import io  # noqa: E402
+import pickle  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from retina_fast.models.fuse import FusedConv2d, fast_eval_parts, fuse_pointwise  # noqa: E402
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs PyTorch's oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("conv", [(64, 256, 1, 1, 0), (32, 48, 3, 1, 1), (32, 40, 3, 2, 1), (3, 16, 7, 2, 3)])
+def test_fused_conv_equals_conv_relu_add(conv, dtype, layout):
+    cin, cout, k, stride, pad = conv
+    g = torch.Generator().manual_seed(cin + cout + k)
+    ref = nn.Conv2d(cin, cout, k, stride, pad)
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    ref = ref.to(dtype=dtype, memory_format=fmt)
+    x = torch.randn(2, cin, 21, 18, generator=g).to(dtype).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        y = F.conv2d(x.float(), ref.weight.float(), ref.bias.float(), ref.stride, ref.padding)
+        r = torch.randn(y.shape, generator=g)
+        plain, fused_relu, fused_add = (FusedConv2d(ref, relu=False), FusedConv2d(ref, relu=True),
+                                        FusedConv2d(ref, relu=True))
+        outs = [plain(x), fused_relu(x), fused_add(x, r.to(dtype))]
+        # a second input shape, and the plain weight once MAX_PACKED_SHAPES shapes are held
+        for hw in ((9, 30), (5, 5), (40, 7), (11, 11), (12, 3), (6, 6)):
+            xs = torch.randn(1, cin, *hw, generator=g).to(dtype).contiguous(memory_format=fmt)
+            ys = F.conv2d(xs.float(), ref.weight.float(), ref.bias.float(), ref.stride, ref.padding)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2 * ys.abs().max().item()
+            torch.testing.assert_close(fused_relu(xs).float(), ys.relu(), rtol=1e-4 if tol == 1e-5 else 2e-2, atol=tol)
+    assert len(fused_relu._packed) == FusedConv2d.MAX_PACKED_SHAPES
+    want = [y, y.relu(), (y + r.to(dtype).float()).relu()]
+    for got, exp in zip(outs, want):
+        assert got.dtype == dtype and got.shape == exp.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
+        else:
+            torch.testing.assert_close(got.float(), exp, rtol=2e-2, atol=2e-2 * exp.abs().max().item())
+    with torch.no_grad():
+        ref.weight.mul_(-1)  # in place: the reordered copies must be remade
+        torch.testing.assert_close(plain(x).float(), -y + 2 * ref.bias.float().view(1, -1, 1, 1),
+                                   rtol=1e-4 if dtype == torch.float32 else 2e-2,
+                                   atol=1e-5 if dtype == torch.float32 else 2e-2 * y.abs().max().item())
+    with pytest.raises(RuntimeError, match="for inference"):
+        plain(x.clone().requires_grad_())
+    copy.deepcopy(fused_relu)  # oneDNN's reordered weights cannot be copied: the copy drops them
+
+
+def _float64_error(model, images, fast):
+    """max |head output - float64 head output| / scale, for the model's eval path ``fast`` or
+    its modules as they are."""
+    model.eval()
+    batch = model.transform(images)[0].tensors
+    with torch.no_grad():
+        model.fast_inference = fast
+        parts = fast_eval_parts(model, batch)
+        assert (parts is not None) == fast
+        parts = parts or (model.backbone, model.head)
+        got = parts[1](list(parts[0](batch).values()))
+        ref_model = copy.deepcopy(model).double()
+        ref_model.fast_inference = False
+        ref = ref_model.head(list(ref_model.backbone(batch.double()).values()))
+    model.fast_inference = True
+    return {k: ((got[k].double() - ref[k]).abs().max() / ref[k].abs().max()).item() for k in ref}
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", ["v1-eps1e-5", "v2", "resnet18-fpn", "shapes-small"])
+def test_fast_eval_path_is_as_accurate_as_float32(name):
+    """The folded, fused eval copy against float64: within a few float32 roundings, as the
+    model's own modules are (a wrong fold or a dropped ReLU/residual would be off by O(1))."""
+    torch.manual_seed(0)
+    model = _randomise_norms(MODELS[name][0]())
+    exact = _float64_error(model, IMAGES, fast=False)
+    fast = _float64_error(model, IMAGES, fast=True)
+    for k in exact:
+        assert exact[k] < 1e-5
+        assert fast[k] < 4 * exact[k] + 2e-6, (k, fast[k], exact[k])
+
+
+@needs_onednn
+def test_eval_forward_runs_the_cached_fast_copy_and_keeps_it_current():
+    torch.manual_seed(0)
+    model = _randomise_norms(MODELS["v1-eps1e-5"][0]())
+    with torch.no_grad():
+        fast = model(IMAGES)
+        cached = model.__dict__["_rf_fast_eval"][1]
+        assert count_batchnorms(cached) == 0
+        assert sum(isinstance(m, FusedConv2d) for m in cached.modules()) == 69  # 53 in R50 + 8 FPN + 10 head - 2 (P6/P7)
+        model.fast_inference = False
+        exact = model(IMAGES)
+        model.fast_inference = True
+    assert_same_detections(fast, exact, score_atol=1e-5, box_atol=1e-2, box_rtol=1e-4)
+    assert list(model.state_dict()) == list(MODELS["v1-eps1e-5"][0]().state_dict())
+    # a weight changed in place (an optimizer step, load_state_dict): the copy is remade
+    with torch.no_grad():
+        model.head.classification_head.cls_logits.bias.add_(1.0)
+        after = model(IMAGES)
+        assert model.__dict__["_rf_fast_eval"][1] is not cached
+        model.fast_inference = False
+        after_exact = model(IMAGES)
+    assert_same_detections(after, after_exact, score_atol=1e-5, box_atol=1e-2, box_rtol=1e-4)
+    assert float(after[0]["scores"][0]) > float(fast[0]["scores"][0])
+    model.fast_inference = True
+    # no copy where a graph is built, in training, or for a copy / pickle of the model
+    with torch.no_grad():
+        model(IMAGES)
+    assert "_rf_fast_eval" in model.__dict__
+    assert "_rf_fast_eval" not in copy.deepcopy(model).__dict__
+    assert "_rf_fast_eval" not in pickle.loads(pickle.dumps(model)).__dict__
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    model.train()
+    assert "_rf_fast_eval" not in model.__dict__
+    model.eval()
+    out = model(IMAGES)  # grad enabled, parameters require grad: the modules themselves
+    assert "_rf_fast_eval" not in model.__dict__ and out[0]["scores"].requires_grad
+
+
+@needs_onednn
+def test_fast_eval_under_bfloat16_autocast_and_channels_last():
+    torch.manual_seed(0)
+    model = _randomise_norms(MODELS["v1-eps0"][0]()).to(memory_format=torch.channels_last)
+    settings = resolve("bf16", True, "cpu")
+    with torch.no_grad(), settings.autocast():
+        fast = model(IMAGES)
+        parts = model.__dict__["_rf_fast_eval"][1]
+        model.fast_inference = False
+        exact = model(IMAGES)
+    fused = [m for m in parts.modules() if isinstance(m, FusedConv2d)]
+    assert fused and all(m.weight.dtype == torch.bfloat16 for m in fused)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in fused if m.weight.shape[-1] > 1)
+    for g, r in zip(fast, exact):
+        assert g["scores"].dtype == torch.float32 and len(g["scores"]) > 0
+        assert abs(float(g["scores"][0]) - float(r["scores"][0])) < 2e-2
+
+
+@needs_onednn
+def test_prepared_model_fuses_once_and_compiled_parts_are_left_alone():
+    torch.manual_seed(0)
+    model = _randomise_norms(MODELS["shapes-small"][0]())
+    prepared = prepare_for_inference(model, resolve("fp32", True, "cpu"))
+    assert prepared._rf_inference_prepared["pointwise"] > 0
+    inner = getattr(prepared, "model", prepared)
+    assert not inner.fast_inference  # already folded and fused: no second copy
+    with torch.no_grad():
+        prepared(IMAGES)
+    assert "_rf_fast_eval" not in inner.__dict__
+    assert fuse_pointwise(prepared) == 0
+    plain = prepare_for_inference(model, resolve("fp32", True, "cpu"), pointwise=False)
+    assert plain._rf_inference_prepared["pointwise"] == 0
+    assert not any(isinstance(m, FusedConv2d) for m in plain.modules())
+    model.backbone = torch.compile(model.backbone)
+    batch = model.transform(IMAGES)[0].tensors
+    with torch.no_grad():
+        assert fast_eval_parts(model, batch) is None
