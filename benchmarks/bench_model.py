@@ -344,8 +344,8 @@ def test_train_step_cpu_time(benchmark, config):
 # ---------------------------------------------------------------- precision and memory format
 # Issue 21: ours and torchvision under each like-for-like setting (the rows of `retina-fast
 # bench model`, retina_fast/engine/speed.py, which prints them as one table with ratios), and
-# ours under `auto` against torchvision's defaults. Ours in inference is prepared as eval /
-# predict / the demo run it (BatchNorms folded, weights in the run's precision).
+# ours under `auto` against torchvision's defaults. Ours in inference is the model's own eval
+# forward (on the CPU: the folded, fused copy it keeps, as eval / predict / the demo run it).
 
 _SETTINGS = {"fp32": ("fp32", False), "fp32+cl": ("fp32", True), "bf16": ("bf16", False),
              "bf16+cl": ("bf16", True), "auto": ("auto", None)}
@@ -376,3 +376,26 @@ def test_model_setting(benchmark, phase, setting, impl):
     out = benchmark.pedantic(fn, rounds=CONFIGS["cpu-b2-512"][3], warmup_rounds=1)
     if phase == "inference":
         benchmark.extra_info["detections_per_image"] = [len(d["scores"]) for d in out]
+
+
+_FT_PAIRS = {}
+
+
+@pytest.mark.parametrize("impl", ["torchvision", "ours"])
+@pytest.mark.parametrize("setting", ["fp32", "fp32+cl", "bf16", "bf16+cl"])
+def test_model_finetune_train_step(benchmark, setting, impl):
+    """The train step in the layout torchvision builds for pretrained weights (FrozenBatchNorm2d
+    in the ResNet, 3 trainable stages): `retina-fast bench model`'s fine-tuning rows."""
+    device, B, size, rounds = _config("cpu-b2-512")
+    if setting not in _FT_PAIRS:
+        if "pair" not in _FT_PAIRS:
+            _FT_PAIRS["pair"] = speed.build_pair(size, device, finetune=True)
+        tv, ours = _FT_PAIRS["pair"]
+        s = rprec.resolve(*_SETTINGS[setting], device)
+        _FT_PAIRS[setting] = (s, speed.torchvision_for(tv, s, device), speed.ours_for(ours, s, device)[0])
+    s, tv_tr, ours_tr = _FT_PAIRS[setting]
+    images, targets = _models("cpu-b2-512")[1:]
+    benchmark.group = f"train_step finetune cpu-b2-512 {setting}"
+    benchmark.extra_info["settings"] = s.as_dict()
+    fn = speed.train_step_fn(tv_tr if impl == "torchvision" else ours_tr, images, targets, s, device)
+    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)

@@ -178,9 +178,9 @@ fi
 # bench.log (the device tool brings back 8 files), its rows into the summary; never a failure.
 t1=$(date +%s)
 if [ "$REHEARSAL" = 1 ]; then
-  MODEL_ARGS=(--device cpu --batch-size 1 --size 64 --rounds 1 --warmup 0 --latency-rounds 0 --rows bf16+cl)
+  MODEL_ARGS=(--device cpu --batch-size 1 --size 64 --rounds 1 --warmup 0 --latency-rounds 0 --rows bf16+cl --finetune-rows bf16+cl)
 else
-  MODEL_ARGS=(--device cuda --batch-size 16 --size 800 --rounds 5 --latency-rounds 20 --rows fp32+cl,bf16+cl,fp16+cl)
+  MODEL_ARGS=(--device cuda --batch-size 16 --size 800 --rounds 5 --latency-rounds 20 --rows fp32+cl,bf16+cl,fp16+cl --finetune-rows bf16+cl)
 fi
 { echo "== retina-fast bench model ${MODEL_ARGS[*]}"; timeout 150 "$PY" -m retina_fast bench model "${MODEL_ARGS[@]}"; } >> "$OUTDIR/bench.log" 2>&1
 rc=$?

@@ -10,9 +10,12 @@ Rows:
   channels_last), eager on both sides;
 * batch-1 inference latency, ours by default against torchvision's defaults.
 
-Ours in inference is :func:`retina_fast.models.fuse.prepare_for_inference` of the model (BatchNorms
-folded, weights held in the run's precision), as ``eval``/``predict``/the demo run it; in
-training the model as the trainer runs it (channels_last weights, autocast). torchvision's
+Ours is the model as a user holds it, in the setting's memory format: in inference its eval
+forward under the setting's autocast (on the CPU that runs the folded, fused copy the model
+keeps: :func:`retina_fast.models.fuse.fast_eval_parts`; ``eval``/``predict``/the demo prepare
+the same copy with :func:`~retina_fast.models.fuse.prepare_for_inference`), in training the
+model as the trainer runs it (autocast). The fine-tuning rows build both models in the layout
+torchvision uses with a pretrained backbone (FrozenBatchNorm2d, 3 trainable stages). torchvision's
 model is torchvision's own builder with the same weights, moved to the same memory format
 under the same autocast. Times are medians of ``rounds`` calls after ``warmup`` calls, the
 implementations interleaved call by call so a change in the machine's load hits both.
@@ -70,18 +73,38 @@ def example_inputs(B: int, size: int, device, seed: int = 0):
     return images, targets
 
 
-def build_pair(size: int, device="cpu", seed: int = 0):
-    """(torchvision's retinanet_resnet50_fpn, ours with its state_dict), float32, NCHW."""
+def build_pair(size: int, device="cpu", seed: int = 0, finetune: bool = False):
+    """(torchvision's retinanet_resnet50_fpn, ours with its state_dict), float32, NCHW.
+
+    ``finetune``: the layout torchvision builds for a pretrained backbone (``weights_backbone``
+    given): ``FrozenBatchNorm2d`` in the ResNet, its first two stages frozen (3 trainable), as a
+    user fine-tuning from ImageNet or COCO weights trains; built without loading any (nothing is
+    downloaded). Otherwise the layout without weights: ``BatchNorm2d`` (batch statistics in
+    training), every stage trainable."""
     from torchvision.models.detection import retinanet_resnet50_fpn as tv_retinanet
 
     from retina_fast.models import retinanet_resnet50_fpn
 
     torch.manual_seed(seed)
-    tv = tv_retinanet(weights=None, weights_backbone=None, min_size=size, max_size=size)
+    if finetune:
+        from torchvision.models import resnet50
+        from torchvision.models.detection.retinanet import RetinaNet, _resnet_fpn_extractor
+        from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        body = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+        backbone = _resnet_fpn_extractor(body, 3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+        tv = RetinaNet(backbone, 91, min_size=size, max_size=size)
+        ours = retinanet_resnet50_fpn("v1", is_trained=True, bn_eps=1e-5, min_size=size, max_size=size)
+    else:
+        tv = tv_retinanet(weights=None, weights_backbone=None, min_size=size, max_size=size)
+        ours = retinanet_resnet50_fpn("v1", min_size=size, max_size=size)
     with torch.no_grad():
         tv.head.classification_head.cls_logits.bias.normal_(-4.0, 1.0)
-    ours = retinanet_resnet50_fpn("v1", min_size=size, max_size=size)
     ours.load_state_dict(tv.state_dict(), strict=True)
+    if finetune:
+        trainable = {n for n, p in tv.named_parameters() if p.requires_grad}
+        assert trainable == {n for n, p in ours.named_parameters() if p.requires_grad}, "trainable sets differ"
     return tv.to(device), ours.to(device)
 
 
@@ -156,12 +179,13 @@ def torchvision_for(tv, settings, device):
 
 
 def ours_for(ours, settings, device):
-    """``(train, eval)``: our model in ``settings``' memory format for the train step, and
-    :func:`~retina_fast.models.fuse.prepare_for_inference` of it for inference (copies)."""
-    from retina_fast.models.fuse import prepare_for_inference
-
-    return (copy.deepcopy(ours).to(device, memory_format=settings.memory_format),
-            prepare_for_inference(ours, settings))
+    """``(train, eval)``: copies of our model in ``settings``' memory format, as a user holds
+    it: the train step calls it in training mode, inference in eval mode under
+    ``settings.autocast()`` (on the CPU its eval forward runs the folded, fused copy it keeps:
+    :func:`retina_fast.models.fuse.fast_eval_parts`; ``eval``/``predict``/the demo prepare the
+    same with :func:`~retina_fast.models.fuse.prepare_for_inference`)."""
+    ours = copy.deepcopy(ours).to(device, memory_format=settings.memory_format)
+    return ours, copy.deepcopy(ours)
 
 
 def prepared_pair(tv, ours, settings, device):
@@ -174,9 +198,12 @@ def prepared_pair(tv, ours, settings, device):
 def model_table(batch: int = 2, size: int = 512, device="cpu", rounds: int = 5, warmup: int = 1,
                 latency_rounds: int | None = None, rows=LIKE_FOR_LIKE, train: bool = True,
                 infer: bool = True, default_precision: str = "auto", default_channels_last=None,
-                log=print) -> dict:
-    """Measure and return ``{"machine", "config", "headline", "rows", "latency"}``; each row holds
-    the medians in ms and torchvision / ours ratios. ``log`` gets a line per measurement."""
+                log=print, finetune_rows=()) -> dict:
+    """Measure and return ``{"machine", "config", "headline", "rows", "finetune_rows",
+    "latency"}``; each row holds the medians in ms and torchvision / ours ratios. ``log`` gets a
+    line per measurement. ``finetune_rows``: like-for-like train steps of the fine-tuning layout
+    (:func:`build_pair` ``finetune``: FrozenBatchNorm2d, 3 trainable stages); its inference is
+    the same network as the other rows' and is not measured again."""
     device = torch.device(device)
     tv, ours = build_pair(size, device)
     images, targets = example_inputs(batch, size, device)
@@ -187,9 +214,9 @@ def model_table(batch: int = 2, size: int = 512, device="cpu", rounds: int = 5, 
                       "rounds": rounds, "warmup": warmup, "timing": "median wall time, interleaved"},
            "ours_default": auto.as_dict(), "rows": []}
 
-    def measure(label, tv_settings, ours_settings):
-        tv_tr = tv_ev = torchvision_for(tv, tv_settings, device)
-        ours_tr, ours_ev = ours_for(ours, ours_settings, device)
+    def measure(label, tv_settings, ours_settings, pair=(tv, ours), infer=infer):
+        tv_tr = tv_ev = torchvision_for(pair[0], tv_settings, device)
+        ours_tr, ours_ev = ours_for(pair[1], ours_settings, device)
         row = {"setting": label, "torchvision": tv_settings.precision + ("+cl" if tv_settings.channels_last else ""),
                "ours": ours_settings.precision + ("+cl" if ours_settings.channels_last else "")}
         if train:
@@ -213,11 +240,18 @@ def model_table(batch: int = 2, size: int = 512, device="cpu", rounds: int = 5, 
     for precision, cl in rows:
         s = rprec.resolve(precision, cl, device)
         out["rows"].append(measure(f"like for like: {precision}{', channels_last' if cl else ', NCHW'}", s, s))
+    out["finetune_rows"] = []
+    if finetune_rows and train:
+        pair = build_pair(size, device, finetune=True)
+        for precision, cl in finetune_rows:
+            s = rprec.resolve(precision, cl, device)
+            out["finetune_rows"].append(measure(
+                f"fine-tuning layout, like for like: {precision}{', channels_last' if cl else ', NCHW'}", s, s,
+                pair, infer=False))
+        del pair
     if latency_rounds:
-        from retina_fast.models.fuse import prepare_for_inference
-
         tv_ev = torchvision_for(tv, fp32, device)
-        ours_ev = prepare_for_inference(ours, auto)
+        ours_ev = ours_for(ours, auto, device)[1]
         t = time_interleaved({"tv": inference_fn(tv_ev, images[:1], fp32, device),
                               "ours": inference_fn(ours_ev, images[:1], auto, device)}, latency_rounds, warmup)
         out["latency"] = {"batch": 1, "tv_ms": round(t["tv"] * 1e3, 1), "ours_ms": round(t["ours"] * 1e3, 1),
@@ -244,7 +278,7 @@ def markdown(table: dict) -> str:
              f"{c['timing']}, {c['rounds']} rounds. Ratios are torchvision / ours.", "",
              "| setting | train step: torchvision | ours | ratio | inference: torchvision | ours | ratio |",
              "|---|---|---|---|---|---|---|"]
-    for row in [table["headline"]] + table["rows"]:
+    for row in [table["headline"]] + table["rows"] + table.get("finetune_rows", []):
         lines.append(f"| {row['setting']} | {row.get('tv_train_ms', '-')} ms | {row.get('ours_train_ms', '-')} ms | "
                      f"**{row.get('train_ratio', '-')}x** | {row.get('tv_infer_ms', '-')} ms | "
                      f"{row.get('ours_infer_ms', '-')} ms | **{row.get('infer_ratio', '-')}x** |")

@@ -124,7 +124,8 @@ def test_trainer_records_and_applies_the_settings(tmp_path):
 def test_bench_model_prints_the_table(tmp_path, capsys):
     out = tmp_path / "t.json"
     rc = main(["bench", "model", "--size", "64", "--batch-size", "1", "--rounds", "1", "--warmup", "0",
-               "--latency-rounds", "1", "--rows", "fp32,bf16+cl", "--threads", "1", "--json", str(out)])
+               "--latency-rounds", "1", "--rows", "fp32,bf16+cl", "--finetune-rows", "bf16+cl", "--threads", "1",
+               "--json", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
     table = json.load(open(out))
@@ -133,5 +134,8 @@ def test_bench_model_prints_the_table(tmp_path, capsys):
     assert head["torchvision"] == "fp32" and "(auto)" in head["setting"]
     for row in [head] + table["rows"]:
         assert row["train_ratio"] > 0 and row["infer_ratio"] > 0
+    (ft,) = table["finetune_rows"]
+    assert ft["setting"] == "fine-tuning layout, like for like: bf16, channels_last" and ft["train_ratio"] > 0
+    assert "infer_ratio" not in ft
     assert table["latency"]["ratio"] > 0 and "cpu_flags" in table["machine"]
     assert "| setting |" in text and "AVX-512-BF16" in text
