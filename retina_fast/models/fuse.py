@@ -193,7 +193,8 @@ class FusedConv2d(nn.Module):
     when the weight changes (``_version``, dtype, storage). The residual is added
     in float32 before the single rounding to bfloat16 (the unfused ops round twice), so
     bfloat16 results differ from the unfused ones by a rounding; float32 agrees to float32
-    tolerance. The input is cast to the weight's dtype, as autocast would (oneDNN's op is not
+    tolerance. The output is channels_last whatever the input's layout (oneDNN's choice). The
+    input is cast to the weight's dtype, as autocast would (oneDNN's op is not
     on autocast's lists). No autograd: its parameters do not require grad, and it refuses
     an input that does."""
 
