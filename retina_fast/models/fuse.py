@@ -29,6 +29,7 @@ post-processing upcasts the head's outputs).
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 from torch import nn
@@ -370,7 +371,8 @@ def fast_eval_parts(model: nn.Module, images: torch.Tensor):
         return None
     if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
         return None
-    if any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in (model.backbone, model.head)):
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    if eval_frame is not None and any(isinstance(m, eval_frame.OptimizedModule) for m in (model.backbone, model.head)):
         return None  # the user compiled them: run what they compiled
     if torch.is_grad_enabled() and (images.requires_grad or any(p.requires_grad for p in model.parameters())):
         return None
