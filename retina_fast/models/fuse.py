@@ -24,6 +24,13 @@ cast instead of copying every weight at every call (``copy_`` was 6-9 % of the s
 Norm layers that remain (GroupNorm) keep float32 parameters, which autocast's float32 ops
 want. The copy must be called under ``settings.autocast()``; detections stay float32 (the
 post-processing upcasts the head's outputs).
+
+On the CPU (float32 or bfloat16, oneDNN) :func:`fuse_pointwise` then makes each convolution a
+:class:`FusedConv2d`: oneDNN's convolution with the ReLU and the residual add that follow it as
+post-ops, its weight reordered once per input shape. :func:`fast_eval_parts` is the same for a
+model used directly: ``RetinaNet``'s eval forward runs a folded, fused copy of its backbone and
+head that it keeps, remakes when a weight changes and drops in training
+(``model.fast_inference = False``: the modules as they are).
 """
 
 from __future__ import annotations
@@ -217,13 +224,12 @@ class FusedConv2d(nn.Module):
         return (f"{w.shape[1] * self.groups}, {w.shape[0]}, kernel_size={tuple(w.shape[2:])}, stride={self.stride}, "
                 f"padding={self.padding}, relu={self.relu}")
 
-    def __deepcopy__(self, memo):
-        # oneDNN's reordered weight is an opaque tensor that cannot be copied: the copy makes its own.
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for k, v in self.__dict__.items():
-            new.__dict__[k] = None if k in ("_packed", "_packed_key") else copy.deepcopy(v, memo)
-        return new
+    def __getstate__(self):
+        # oneDNN's reordered weights are opaque tensors that can be neither copied nor pickled:
+        # a copy (deepcopy, pickle, torch.save) makes its own at its first call.
+        state = dict(self.__dict__)
+        state["_packed"] = state["_packed_key"] = None
+        return state
 
     #: input shapes per convolution with a reordered weight of their own (RetinaNet's head
     #: sees 5 pyramid levels); further shapes use the plain weight, which oneDNN reorders per call
@@ -231,7 +237,7 @@ class FusedConv2d(nn.Module):
 
     def _packed_weight(self, x):
         # oneDNN picks the blocked layout for an input shape: a weight reordered for P3's 64x64
-        # and used on P7's 4x4 ran 40x slower than the plain weight (256 -> 36 channels), so
+        # and used on P7's 4x4 ran 25-40x slower than the plain weight (256 -> 36 channels), so
         # each input shape gets its own. The cache is dropped when the weight changes.
         w = self.weight
         key = (w.data_ptr(), w._version, w.dtype, w.device)
@@ -279,7 +285,7 @@ class _FusedResidualBlock(nn.Module):
     def __init__(self, block: nn.Module):
         super().__init__()
         convs = ("conv1", "conv2", "conv3") if isinstance(block, Bottleneck) else ("conv1", "conv2")
-        for i, name in enumerate(convs):
+        for name in convs:
             setattr(self, name, FusedConv2d(getattr(block, name), relu=True))
         self.convs = convs
         self.downsample = block.downsample

@@ -249,7 +249,11 @@ def test_fused_conv_equals_conv_relu_add(conv, dtype, layout):
                                    atol=1e-5 if dtype == torch.float32 else 2e-2 * y.abs().max().item())
     with pytest.raises(RuntimeError, match="for inference"):
         plain(x.clone().requires_grad_())
-    copy.deepcopy(fused_relu)  # oneDNN's reordered weights cannot be copied: the copy drops them
+    for again in (copy.deepcopy(fused_relu), pickle.loads(pickle.dumps(fused_relu))):
+        # oneDNN's reordered weights can be neither copied nor pickled: the copy makes its own
+        assert again._packed is None and len(fused_relu._packed) > 0
+        with torch.no_grad():
+            torch.testing.assert_close(again(x), fused_relu(x), rtol=0, atol=0)
 
 
 def _float64_error(model, images, fast):
