@@ -141,7 +141,8 @@ def prepare_for_inference(model: nn.Module, settings=None, fold: bool = True,
     (:func:`fuse_pointwise`: the ReLU and the residual add that follow it computed inside
     oneDNN's convolution). Call it under ``settings.autocast()``. The copy's attribute
     ``_rf_inference_prepared`` holds ``settings.as_dict()`` plus ``folded`` (the count) and
-    ``pointwise`` (the convolutions made :class:`FusedConv2d`)."""
+    ``pointwise`` (the convolutions made :class:`FusedConv2d`); where that is not 0 no
+    parameter of the copy requires grad."""
     prepared = copy.deepcopy(model).eval()
     n = fold_batchnorms(prepared) if fold else 0
     if settings is not None:
@@ -154,6 +155,10 @@ def prepare_for_inference(model: nn.Module, settings=None, fold: bool = True,
     if pointwise is None:
         pointwise = settings is not None and pointwise_fusion_available(settings)
     fused = fuse_pointwise(prepared) if pointwise else 0
+    if fused:
+        # FusedConv2d has no backward: no parameter of the copy may make its input require grad
+        # (the P6/P7 convolutions, GroupNorm stay plain modules), so it runs with grad enabled too
+        prepared.requires_grad_(False)
     for m in prepared.modules():
         if hasattr(m, "fast_inference"):
             m.fast_inference = False  # already prepared: no second copy (fast_eval_parts)
@@ -373,7 +378,10 @@ def fast_eval_parts(model: nn.Module, images: torch.Tensor):
     optimizer step, ``load_state_dict``, ``.to()``), and dropped by ``model.train()`` and on
     copying or pickling the model. It costs one more copy of the backbone's and head's
     weights (in the run's dtype) plus oneDNN's reordered copies (:class:`FusedConv2d`)."""
-    if not getattr(model, "fast_inference", False) or model.training or images.device.type != "cpu":
+    if images.device.type != "cpu":
+        drop_fast_eval(model)  # the model moved off the CPU: free the CPU copy
+        return None
+    if not getattr(model, "fast_inference", False) or model.training:
         return None
     if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
         return None

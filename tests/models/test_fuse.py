@@ -364,3 +364,33 @@ def test_prepared_model_fuses_once_and_compiled_parts_are_left_alone():
     batch = model.transform(IMAGES)[0].tensors
     with torch.no_grad():
         assert fast_eval_parts(model, batch) is None
+
+
+@needs_onednn
+def test_fast_eval_in_every_no_graph_mode_and_after_requires_grad_changes():
+    """The copy built under inference_mode serves no_grad; with grad enabled it serves a model
+    whose parameters were frozen after it was built (the copy's own never require grad: the
+    unfused P6/P7 convolutions must not hand a FusedConv2d an input that does); a prepared
+    model runs with grad enabled too."""
+    torch.manual_seed(0)
+    model = _randomise_norms(MODELS["resnet18-fpn"][0]())
+    with torch.inference_mode():
+        a = model(IMAGES)
+    with torch.no_grad():
+        b = model(IMAGES)
+    model.requires_grad_(False)
+    c = model(IMAGES)  # grad enabled, nothing requires grad: the same copy
+    parts = model.__dict__["_rf_fast_eval"][1]
+    assert not any(p.requires_grad for p in parts.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+        d = model(IMAGES)
+    with torch.no_grad():
+        e = model(IMAGES)  # float32 again: the copy is remade
+    for x in (b, c, e):
+        for g, r in zip(x, a):
+            assert torch.equal(g["scores"], r["scores"]) and torch.equal(g["boxes"], r["boxes"])
+    assert all(len(g["scores"]) > 0 for g in d)
+    prepared = prepare_for_inference(model.requires_grad_(True), resolve("fp32", True, "cpu"))
+    assert not any(p.requires_grad for p in prepared.parameters())
+    out = prepared(IMAGES)  # grad enabled
+    assert not out[0]["scores"].requires_grad
