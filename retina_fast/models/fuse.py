@@ -44,7 +44,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from retina_fast.models.backbone import _FoldingBasicBlock, _FoldingBottleneck
+from retina_fast.models.backbone import _FoldingBasicBlock, _FoldingBody, _FoldingBottleneck
 
 __all__ = ["fold_batchnorms", "prepare_for_inference", "count_batchnorms", "fuse_pointwise", "FusedConv2d",
            "pointwise_fusion_available"]
@@ -96,11 +96,22 @@ def _format_of(t: torch.Tensor):
                                    and t.is_contiguous(memory_format=torch.channels_last)) else torch.contiguous_format
 
 
+def _runs_children_in_order(parent: nn.Module) -> bool:
+    """An ``nn.Sequential`` (or a subclass that keeps its forward: ``Conv2dNormActivation``) or
+    torchvision's ``IntermediateLayerGetter`` (ours folds FrozenBatchNorm2d in training and runs
+    its children in order in eval): each child's output is the next child's only input. A
+    subclass with a forward of its own may not, and is left alone."""
+    forward = type(parent).forward
+    return ((isinstance(parent, nn.Sequential) and forward is nn.Sequential.forward)
+            or (isinstance(parent, IntermediateLayerGetter)
+                and forward in (IntermediateLayerGetter.forward, _FoldingBody.forward)))
+
+
 def _pairs(parent: nn.Module):
     """``(conv name, norm name)`` pairs of ``parent``'s direct children where the norm directly
     follows the conv: consecutive in an ``nn.Sequential``, or named ``convN`` / ``bnN``."""
     children = dict(parent.named_children())
-    if isinstance(parent, nn.Sequential):
+    if _runs_children_in_order(parent):
         names = list(children)
         for a, b in zip(names, names[1:]):
             if isinstance(children[a], nn.Conv2d) and isinstance(children[b], _BN_TYPES):
@@ -329,7 +340,7 @@ def fuse_pointwise(module: nn.Module) -> int:
         if isinstance(parent, FusedConv2d):
             continue
         children = list(parent.named_children())
-        ordered = isinstance(parent, (nn.Sequential, IntermediateLayerGetter))
+        ordered = _runs_children_in_order(parent)
         for i, (name, child) in enumerate(children):
             if type(child) is not nn.Conv2d or child.padding_mode != "zeros" or isinstance(child.padding, str):
                 continue

@@ -394,3 +394,27 @@ def test_fast_eval_in_every_no_graph_mode_and_after_requires_grad_changes():
     assert not any(p.requires_grad for p in prepared.parameters())
     out = prepared(IMAGES)  # grad enabled
     assert not out[0]["scores"].requires_grad
+
+
+def test_containers_with_a_forward_of_their_own_are_left_alone():
+    """A Sequential subclass whose forward does not chain its children (here: the ReLU applied
+    to the input, not the conv's output) is neither folded nor fused: doing so would change
+    what it computes."""
+
+    class Skip(nn.Sequential):
+        def forward(self, x):
+            return self[0](self[2](x)) + self[1](x).sum() * 0
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.running_var.fill_(4.0)
+    model = nn.Sequential(Skip(nn.Conv2d(4, 4, 3, padding=1), bn, nn.ReLU()), nn.Conv2d(4, 4, 1), nn.ReLU()).eval()
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        want = model(x)
+        prepared = prepare_for_inference(model, resolve("fp32", True, "cpu"))
+        got = prepared(x)
+    assert type(prepared[0][2]) is nn.ReLU and isinstance(prepared[0][1], nn.BatchNorm2d)
+    assert isinstance(prepared[1], FusedConv2d) and prepared[1].relu  # the outer Sequential is plain
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
