@@ -12,16 +12,15 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from retina_fast.engine import speed
 from retina_fast.models import retinanet_resnet50_fpn, retinanet_resnet_fpn
-from retina_fast.models.backbone import _FoldingBody, _FoldingBottleneck, conv_frozen_bn
+from retina_fast.models.backbone import _FoldingBasicBlock, _FoldingBody, _FoldingBottleneck, conv_frozen_bn
 
 SMALL = {"min_size": 128, "max_size": 160}
 
 
 def _torchvision_classes(model):
     """A copy whose body and blocks are torchvision's own classes (unfolded FrozenBatchNorm2d)."""
-    back = {_FoldingBody: IntermediateLayerGetter, _FoldingBottleneck: resnet.Bottleneck}
-    from retina_fast.models.backbone import _FoldingBasicBlock
-    back[_FoldingBasicBlock] = resnet.BasicBlock
+    back = {_FoldingBody: IntermediateLayerGetter, _FoldingBottleneck: resnet.Bottleneck,
+            _FoldingBasicBlock: resnet.BasicBlock}
     model = copy.deepcopy(model)
     for m in model.modules():
         if type(m) in back:
@@ -92,7 +91,7 @@ def test_folded_frozen_bn_training_equals_torchvision_modules(build):
 
 def test_conv_frozen_bn_is_the_conv_then_the_norm():
     g = torch.Generator().manual_seed(0)
-    conv = torch.nn.Conv2d(8, 16, 3, 2, 1, bias=True)
+    conv = torch.nn.Conv2d(8, 16, 3, 2, 1, bias=True)  # a conv bias too: shift + b * s
     bn = _frozen_stats(torch.nn.Sequential(FrozenBatchNorm2d(16, eps=1e-5)))[0]
     x = torch.randn(2, 8, 11, 9, generator=g, dtype=torch.float64)
     conv, bn = conv.double(), bn.double()
