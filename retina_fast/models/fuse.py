@@ -202,6 +202,13 @@ def pointwise_fusion_available(settings) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
 
 
+def _plain_conv(conv: nn.Module, any_class: bool = False) -> bool:
+    """An ``nn.Conv2d`` (exactly, unless ``any_class``: a subclass may change its forward) with
+    zero padding given as numbers: what oneDNN's fused convolution computes."""
+    return ((isinstance(conv, nn.Conv2d) if any_class else type(conv) is nn.Conv2d)
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+
+
 class FusedConv2d(nn.Module):
     """An inference-only ``nn.Conv2d`` (its BatchNorm already folded in) computed by oneDNN
     with what follows it as post-ops: ``relu(conv(x) + bias [+ residual])``, or the bare
@@ -224,7 +231,7 @@ class FusedConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, relu: bool):
         super().__init__()
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if not _plain_conv(conv, any_class=True):
             raise ValueError(f"FusedConv2d: needs zero padding given as numbers, got padding={conv.padding!r}, "
                              f"padding_mode={conv.padding_mode!r}")
         self.weight = nn.Parameter(conv.weight.detach(), requires_grad=False)
@@ -318,7 +325,7 @@ def _block_is_folded(block: nn.Module) -> bool:
     names = ("bn1", "bn2", "bn3") if isinstance(block, Bottleneck) else ("bn1", "bn2")
     convs = [getattr(block, "conv" + n[2:]) for n in names]
     return (all(isinstance(getattr(block, n), nn.Identity) for n in names)
-            and all(type(c) is nn.Conv2d and c.padding_mode == "zeros" and not isinstance(c.padding, str) for c in convs))
+            and all(_plain_conv(c) for c in convs))
 
 
 def fuse_pointwise(module: nn.Module) -> int:
@@ -342,7 +349,7 @@ def fuse_pointwise(module: nn.Module) -> int:
         children = list(parent.named_children())
         ordered = _runs_children_in_order(parent)
         for i, (name, child) in enumerate(children):
-            if type(child) is not nn.Conv2d or child.padding_mode != "zeros" or isinstance(child.padding, str):
+            if not _plain_conv(child):
                 continue
             relu_at = None
             if ordered:
@@ -401,26 +408,25 @@ def fast_eval_parts(model: nn.Module, images: torch.Tensor):
         return None  # the user compiled them: run what they compiled
     if torch.is_grad_enabled() and (images.requires_grad or any(p.requires_grad for p in model.parameters())):
         return None
+    from retina_fast.engine.precision import RunSettings
+
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    if dtype not in (None, torch.bfloat16):
-        return None
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
-        return None
-    params = [p for m in (model.backbone, model.head) for p in m.parameters()]
-    if dtype is None and any(p.dtype != torch.float32 for p in params):
-        return None
     first = next((m.weight for m in model.backbone.modules() if isinstance(m, nn.Conv2d)), None)
-    channels_last = bool(first is not None and first.dim() == 4 and not first.is_contiguous()
-                         and first.is_contiguous(memory_format=torch.channels_last))
+    channels_last = first is not None and _format_of(first) == torch.channels_last
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
+    if precision is None:
+        return None
+    settings = RunSettings(precision, channels_last, "cpu", False, "the model's eval forward")
+    if not pointwise_fusion_available(settings):
+        return None
+    # the key holds every tensor's dtype: a copy it finds was built from float32 parameters
     key = (dtype, channels_last, _tensors_key(model.backbone), _tensors_key(model.head))
     cached = model.__dict__.get("_rf_fast_eval")
     if cached is not None and cached[0] == key:
         return cached[1].backbone, cached[1].head
-    from retina_fast.engine.precision import RunSettings
-
-    settings = RunSettings("bf16" if dtype is not None else "fp32", channels_last, "cpu", False,
-                           "the model's eval forward")
-    model.__dict__.pop("_rf_fast_eval", None)  # free the old copy first
+    model.__dict__.pop("_rf_fast_eval", None)  # stale: free it first
+    if dtype is None and any(p.dtype != torch.float32 for m in (model.backbone, model.head) for p in m.parameters()):
+        return None
     with torch.inference_mode(False), torch.no_grad():
         parts = prepare_for_inference(_InferenceParts(model.backbone, model.head), settings, pointwise=True)
     parts._forward_pre_hooks.clear()  # the autocast check: this copy is only called from the model
