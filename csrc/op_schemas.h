@@ -95,10 +95,12 @@ inline void define_op_schemas(torch::Library& m) {
       "int num_images, float iou_threshold, int max_per_image) -> (Tensor, Tensor)");
   // RetinaNet post-processing of a batch: (boxes [B, D, 4], scores [B, D], labels [B, D] int64,
   // counts [B] int64), D = detections_per_img, rows past counts[b] padded (0, 0, -1).
+  // upcast: float16/bfloat16 logits and codes are read as float32 (exactly) and everything is
+  // computed and returned in float32, as for .float() copies of them, without the copies.
   m.def(
       "postprocess_detections(Tensor cls_logits, Tensor bbox_regression, Tensor anchors, "
       "Tensor image_sizes, int[] num_anchors_per_level, float score_thresh, "
-      "int topk_candidates, float nms_thresh, int detections_per_img) "
+      "int topk_candidates, float nms_thresh, int detections_per_img, bool upcast=False) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "common/box_math.h"
 #include "common/checks.h"
@@ -114,6 +115,18 @@ struct SigmoidBound<double> {
   static constexpr double tiny = 1e-290;
 };
 
+// A box's 4 codes as T: the pointer itself when they are stored as T, else converted into tmp
+// (float16/bfloat16 codes read as float32 by an upcast post-processing: exact).
+template <typename T, typename in_t>
+HOST_DEVICE_INLINE const T* codes_as(const in_t* p, T* tmp) {
+  if constexpr (std::is_same<T, in_t>::value) {
+    return p;
+  } else {
+    for (int c = 0; c < 4; ++c) tmp[c] = static_cast<T>(p[c]);
+    return tmp;
+  }
+}
+
 // The cut for score bound s with relative error `rel`: +inf when no score exceeds s (s >= 1),
 // -inf when nothing can be excluded. Computed in double, then lowered by a margin far above
 // the rounding error of log / log1p, so it never exceeds the exact logit(s / (1 + rel)).
@@ -168,6 +181,12 @@ inline void check_multi_args(const at::Tensor& boxes, const at::Tensor& scores,
   check_index_arg(idxs, boxes, op, "idxs");
   check_index_arg(image_ids, boxes, op, "image_ids");
   TORCH_CHECK(num_images >= 0, op, ": expected num_images >= 0, got ", num_images);
+}
+
+// The dtype the post-processing computes and returns in: the codes' (as torchvision decodes),
+// or float32 for float16/bfloat16 ones under upcast.
+inline at::ScalarType postprocess_math_type(at::ScalarType codes, bool upcast) {
+  return upcast && (codes == at::kHalf || codes == at::kBFloat16) ? at::kFloat : codes;
 }
 
 inline void check_postprocess_args(const at::Tensor& cls_logits, const at::Tensor& bbox_regression,

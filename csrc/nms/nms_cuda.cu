@@ -771,9 +771,10 @@ __global__ void sel_init_kernel(SelGroup g, int64_t B, bool none, SelState* __re
 
 // hist: [nb, g.nsearch, kSelBins]. word 0: the digit is hi's bits [shift, shift + width), else
 // lo's; (mhi, mlo): the bits found in earlier passes, which a key must match.
-template <typename scalar_t>
+// in_t: the logits' storage, read as scalar_t (float16/bfloat16 under upcast; else scalar_t).
+template <typename scalar_t, typename in_t = scalar_t>
 __global__ void __launch_bounds__(kSelThreads) sel_hist_kernel(
-    const scalar_t* __restrict__ logits, int64_t row, SelGroup g, int64_t b0, int64_t nb, scalar_t thresh,
+    const in_t* __restrict__ logits, int64_t row, SelGroup g, int64_t b0, int64_t nb, scalar_t thresh,
     const SelState* __restrict__ st, uint32_t* __restrict__ hist, int word, int shift, int width,
     uint64_t mhi, uint32_t mlo) {
   RF_SHARED(uint32_t, h, [kSelBins]);
@@ -787,10 +788,10 @@ __global__ void __launch_bounds__(kSelThreads) sel_hist_kernel(
     if (s.mode != 0) continue;  // the same for the whole block
     for (int i = threadIdx.x; i < kSelBins; i += blockDim.x) h[i] = 0;
     __syncthreads();
-    const scalar_t* x = logits + b * row + g.xoff[lg];
+    const in_t* x = logits + b * row + g.xoff[lg];
     const cut_t<scalar_t> cut = make_cut<scalar_t>(s.xcut);
     for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-      const scalar_t xi = x[i];
+      const scalar_t xi = static_cast<scalar_t>(x[i]);
       if (!(static_cast<cut_t<scalar_t>>(xi) >= cut)) continue;  // NaN too
       uint64_t hi;
       uint32_t lo;
@@ -873,9 +874,9 @@ __global__ void __launch_bounds__(kSelThreads) sel_resolve_kernel(
 // The candidates: every valid key >= T of a done segment, in slots [koff, koff + k) of its image
 // in any order (a counter per segment), key 0 in unused slots (written before). Float types
 // store hi << 32 | lo in keys (hi < 2^30), float64 stores hi and lo apart.
-template <typename scalar_t>
+template <typename scalar_t, typename in_t = scalar_t>
 __global__ void __launch_bounds__(kSelThreads) sel_write_kernel(
-    const scalar_t* __restrict__ logits, int64_t row, SelGroup g, int64_t b0, int64_t nb, scalar_t thresh,
+    const in_t* __restrict__ logits, int64_t row, SelGroup g, int64_t b0, int64_t nb, scalar_t thresh,
     const SelState* __restrict__ st, uint32_t* __restrict__ counter, int64_t C, uint64_t* __restrict__ keys,
     uint32_t* __restrict__ keys_lo) {
   const int64_t total = nb * g.blk[g.n];
@@ -886,10 +887,10 @@ __global__ void __launch_bounds__(kSelThreads) sel_write_kernel(
     const int64_t q = b * g.L + g.l0 + lg;
     const SelState s = st[q];
     if (s.mode != 1) continue;
-    const scalar_t* x = logits + b * row + g.xoff[lg];
+    const in_t* x = logits + b * row + g.xoff[lg];
     const cut_t<scalar_t> cut = make_cut<scalar_t>(s.xcut);
     for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-      const scalar_t xi = x[i];
+      const scalar_t xi = static_cast<scalar_t>(x[i]);
       if (!(static_cast<cut_t<scalar_t>>(xi) >= cut)) continue;  // NaN too
       uint64_t hi;
       uint32_t lo;
@@ -923,9 +924,9 @@ __global__ void sel_offsets_kernel(SelGroup g, int64_t B, int64_t L, int64_t C, 
 
 // The j-th best candidate of (image, level) from the sorted keys: decoded and clipped into
 // slot b * C + koff + j, its score from the key's bits (exactly torch's sigmoid in the dtype).
-template <typename scalar_t>
+template <typename scalar_t, typename in_t = scalar_t>
 __global__ void sel_candidates_kernel(const uint64_t* __restrict__ keys, const uint32_t* __restrict__ keys_lo,
-                                      SelGroup g, int64_t B, int64_t C, const scalar_t* __restrict__ reg,
+                                      SelGroup g, int64_t B, int64_t C, const in_t* __restrict__ reg,
                                       const scalar_t* __restrict__ anchors, bool shared_anchors,
                                       const int64_t* __restrict__ sizes, int64_t A, int64_t K, scalar_t clip,
                                       uint8_t* __restrict__ valid, int64_t* __restrict__ labels,
@@ -961,8 +962,8 @@ __global__ void sel_candidates_kernel(const uint64_t* __restrict__ keys, const u
       scores[q] = static_cast<scalar_t>(__uint_as_float(static_cast<uint32_t>(hi - 1)));
     }
     const scalar_t one(1), zero(0);
-    scalar_t o[4];
-    decode_box<scalar_t>(reg + (b * A + a) * 4, anchors + (shared_anchors ? 0 : b * A * 4) + a * 4, one, one,
+    scalar_t o[4], code[4];
+    decode_box<scalar_t>(codes_as<scalar_t>(reg + (b * A + a) * 4, code), anchors + (shared_anchors ? 0 : b * A * 4) + a * 4, one, one,
                          one, one, clip, o);
     const scalar_t H = static_cast<scalar_t>(sizes[2 * b]), W = static_cast<scalar_t>(sizes[2 * b + 1]);
     scalar_t* out = boxes + 4 * q;
@@ -1084,7 +1085,9 @@ __global__ void write_dets_kernel(const uint32_t* __restrict__ rank_keys, const 
   if (threadIdx.x == 0) counts[b] = cnt < D ? cnt : D;
 }
 
-template <typename scalar_t>
+// scalar_t: the dtype of the scores, boxes and NMS; in_t: that of the logits and codes (under
+// upcast float16/bfloat16, read as float32; else scalar_t). Anchors come as scalar_t.
+template <typename scalar_t, typename in_t = scalar_t>
 std::tuple<Tensor, Tensor, Tensor, Tensor> postprocess_impl(
     const Tensor& logits, const Tensor& reg, const Tensor& anchors, const Tensor& sizes,
     at::IntArrayRef levels, double score_thresh, int64_t topk, double nms_thresh, int64_t D) {
@@ -1093,8 +1096,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> postprocess_impl(
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t B = logits.size(0), A = logits.size(1), K = logits.size(2);
   const auto lopt = logits.options().dtype(at::kLong);
-  Tensor boxes_out = at::zeros({B, D, 4}, reg.options());
-  Tensor scores_out = at::zeros({B, D}, logits.options());
+  Tensor boxes_out = at::zeros({B, D, 4}, anchors.options());
+  Tensor scores_out = at::zeros({B, D}, anchors.options());
   Tensor labels_out = at::full({B, D}, -1, lopt);
   Tensor counts = at::zeros({B}, lopt);
   std::vector<int64_t> ks, koff{0}, aoff{0};
@@ -1166,7 +1169,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> postprocess_impl(
   int* seg_begin = seg.mutable_data_ptr<int>();
   int* seg_end_off = seg_begin + B * L;
   const int64_t max_grid = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
-  const scalar_t* xp = logits.const_data_ptr<scalar_t>();
+  const in_t* xp = logits.const_data_ptr<in_t>();
   for (const SelGroup& g : groups) {
     cuda::launch(sel_init_kernel, cuda::grid_for(B * g.n), threads, 0, stream, g, B, none, stp, thresh_cut);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1180,7 +1183,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> postprocess_impl(
         const int64_t rgrid = std::min<int64_t>(nb * g.n, max_grid);
         for (size_t p = 0; p < passes.size(); ++p) {
           const SelPass& ps = passes[p];
-          cuda::launch(sel_hist_kernel<scalar_t>, grid, kSelThreads, 0, stream, xp, A * K, g, b0, nb, thresh, stp, hp, ps.word,
+          cuda::launch(sel_hist_kernel<scalar_t, in_t>, grid, kSelThreads, 0, stream, xp, A * K, g, b0, nb, thresh, stp, hp, ps.word,
                                                                      ps.shift, ps.width, ps.mhi, ps.mlo);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           cuda::launch(sel_resolve_kernel<scalar_t>, rgrid, kSelThreads, 0, stream, g, b0, nb, stp, hp, p == 0, ps.word,
@@ -1188,7 +1191,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> postprocess_impl(
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       }
-      cuda::launch(sel_write_kernel<scalar_t>, grid, kSelThreads, 0, stream, xp, A * K, g, b0, nb, thresh, stp, cnt, C, kp,
+      cuda::launch(sel_write_kernel<scalar_t, in_t>, grid, kSelThreads, 0, stream, xp, A * K, g, b0, nb, thresh, stp, cnt, C, kp,
                                                                   klp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -1210,13 +1213,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> postprocess_impl(
   }
   Tensor valid = at::empty({B * C}, byte_opts(logits));
   Tensor clabels = at::empty({B * C}, lopt);
-  Tensor cscores = at::empty({B * C}, logits.options());
-  Tensor cboxes = at::empty({B * C, 4}, reg.options());
+  Tensor cscores = at::empty({B * C}, anchors.options());
+  Tensor cboxes = at::empty({B * C, 4}, anchors.options());
   for (const SelGroup& g : groups) {
     const int64_t cg = g.koff[g.n] - g.koff[0];
     if (cg == 0) continue;
-    cuda::launch(sel_candidates_kernel<scalar_t>, cuda::grid_for(B * cg), threads, 0, stream,
-        sorted_hi, sorted_lo, g, B, C, reg.const_data_ptr<scalar_t>(), anchors.const_data_ptr<scalar_t>(),
+    cuda::launch(sel_candidates_kernel<scalar_t, in_t>, cuda::grid_for(B * cg), threads, 0, stream,
+        sorted_hi, sorted_lo, g, B, C, reg.const_data_ptr<in_t>(), anchors.const_data_ptr<scalar_t>(),
         anchors.dim() == 2, sizes.const_data_ptr<int64_t>(), A, K, clip, valid.mutable_data_ptr<uint8_t>(),
         clabels.mutable_data_ptr<int64_t>(), cscores.mutable_data_ptr<scalar_t>(),
         cboxes.mutable_data_ptr<scalar_t>());
@@ -1289,16 +1292,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> postprocess_impl(
 std::tuple<Tensor, Tensor, Tensor, Tensor> postprocess_cuda(
     const Tensor& cls_logits, const Tensor& bbox_regression, const Tensor& anchors, const Tensor& image_sizes,
     at::IntArrayRef num_anchors_per_level, double score_thresh, int64_t topk_candidates, double nms_thresh,
-    int64_t detections_per_img) {
+    int64_t detections_per_img, bool upcast) {
   const char* op = "retina_fast::postprocess_detections";
   check_postprocess_args(cls_logits, bbox_regression, anchors, image_sizes, num_anchors_per_level, score_thresh,
                          topk_candidates, nms_thresh, detections_per_img, op);
   check_device(cls_logits, at::kCUDA, op, "cls_logits");
   const at::cuda::CUDAGuard guard(cls_logits.device());
   const Tensor x = cls_logits.contiguous(), r = bbox_regression.contiguous();
-  const Tensor a = anchors.to(r.scalar_type()).contiguous();
+  const at::ScalarType math = postprocess_math_type(r.scalar_type(), upcast);
+  const Tensor a = anchors.to(math).contiguous();
   const Tensor s = image_sizes.to(at::kLong).contiguous();
   std::tuple<Tensor, Tensor, Tensor, Tensor> out;
+  if (math != x.scalar_type()) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "postprocess_cuda_upcast", [&] {
+      out = postprocess_impl<float, scalar_t>(x, r, a, s, num_anchors_per_level, score_thresh, topk_candidates,
+                                              nms_thresh, detections_per_img);
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "postprocess_cuda", [&] {
     out = postprocess_impl<scalar_t>(x, r, a, s, num_anchors_per_level, score_thresh, topk_candidates, nms_thresh,
                                      detections_per_img);

@@ -100,7 +100,9 @@ struct Better {
 };
 
 // The exact top-k of one (image, level), fed ranges of its logits in increasing index order.
-template <typename scalar_t>
+// scalar_t: the dtype scores are computed and compared in; in_t: the logits' storage (float16 /
+// bfloat16 under upcast, read as float32, exactly; else scalar_t).
+template <typename scalar_t, typename in_t = scalar_t>
 class LevelTopK {
  public:
   LevelTopK(int64_t k, scalar_t thresh, const at::Tensor& like)
@@ -112,7 +114,7 @@ class LevelTopK {
     out_ = at::empty({padded}, like.options());
   }
 
-  void reset(const scalar_t* x) {
+  void reset(const in_t* x) {
     x_ = x;
     n_ = 0;
     kept_.clear();
@@ -125,7 +127,7 @@ class LevelTopK {
 
   void feed(int64_t begin, int64_t end) {
     while (begin < end && !done_) {
-      begin = scan<scalar_t>(x_, begin, end, cut_, pend_.data(), n_, cap_);
+      begin = scan<in_t>(x_, begin, end, cut_, pend_.data(), n_, cap_);
       if (n_ >= cap_) flush();
     }
   }
@@ -146,7 +148,7 @@ class LevelTopK {
     if (m == 0) return;
     const int64_t padded = (m + 63) / 64 * 64;
     scalar_t* ip = in_.mutable_data_ptr<scalar_t>();
-    for (int64_t j = 0; j < m; ++j) ip[j] = x_[pend_[j]];
+    for (int64_t j = 0; j < m; ++j) ip[j] = static_cast<scalar_t>(x_[pend_[j]]);
     for (int64_t j = m; j < padded; ++j) ip[j] = scalar_t(0);
     at::Tensor o = out_.narrow(0, 0, padded);
     at::sigmoid_out(o, in_.narrow(0, 0, padded));
@@ -180,7 +182,7 @@ class LevelTopK {
   const int64_t k_;
   const scalar_t thresh_;
   const int64_t cap_;  // pending logits per scoring batch
-  const scalar_t* x_ = nullptr;
+  const in_t* x_ = nullptr;
   std::vector<int64_t> pend_;
   int64_t n_ = 0;
   std::vector<Cand> kept_;
@@ -190,7 +192,9 @@ class LevelTopK {
   bool pruned_ = false, done_ = false;
 };
 
-template <typename scalar_t>
+// scalar_t: the dtype of the scores, boxes and NMS; in_t: that of the logits and codes (under
+// upcast float16/bfloat16, read as float32; else scalar_t). Anchors come as scalar_t.
+template <typename scalar_t, typename in_t = scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_impl(
     const at::Tensor& logits, const at::Tensor& regression, const at::Tensor& anchors,
     const at::Tensor& sizes, at::IntArrayRef num_anchors_per_level, double score_thresh,
@@ -200,8 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_impl(
   std::vector<int64_t> level_off(L + 1, 0);
   for (int64_t l = 0; l < L; ++l) level_off[l + 1] = level_off[l] + num_anchors_per_level[l];
 
-  const scalar_t* xp = logits.const_data_ptr<scalar_t>();
-  const scalar_t* rp = regression.const_data_ptr<scalar_t>();
+  const in_t* xp = logits.const_data_ptr<in_t>();
+  const in_t* rp = regression.const_data_ptr<in_t>();
   const scalar_t* ap = anchors.const_data_ptr<scalar_t>();
   const int64_t* sp = sizes.const_data_ptr<int64_t>();
   const bool shared_anchors = anchors.dim() == 2;
@@ -226,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_impl(
   // part[t]: the top-k of the stream that began at task t (empty for tasks that continued one)
   std::vector<std::vector<Cand>> part(tasks.size());
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
-    LevelTopK<scalar_t> sel(topk, thresh_t, logits);
+    LevelTopK<scalar_t, in_t> sel(topk, thresh_t, anchors);
     int64_t start = t0;
     for (int64_t t = t0; t < t1; ++t) {
       const Task& tk = tasks[t];
@@ -261,8 +265,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_impl(
   });
 
   // ---- 2. decode, clip, batched NMS, first D, per image
-  at::Tensor boxes_out = at::zeros({B, D, 4}, regression.options());
-  at::Tensor scores_out = at::zeros({B, D}, logits.options());
+  at::Tensor boxes_out = at::zeros({B, D, 4}, anchors.options());
+  at::Tensor scores_out = at::zeros({B, D}, anchors.options());
   at::Tensor labels_out = at::full({B, D}, -1, logits.options().dtype(at::kLong));
   at::Tensor counts = at::zeros({B}, logits.options().dtype(at::kLong));
   scalar_t* bo = boxes_out.mutable_data_ptr<scalar_t>();
@@ -288,7 +292,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_impl(
           lab[j] = c.idx % K;
           sc[j] = static_cast<scalar_t>(c.score);
           scalar_t* o = bx.data() + 4 * j;
-          decode_box<scalar_t>(rp + (b * A + a) * 4, anc + a * 4, one, one, one, one, clip, o);
+          scalar_t code[4];
+          decode_box<scalar_t>(codes_as<scalar_t>(rp + (b * A + a) * 4, code), anc + a * 4, one, one, one, one,
+                               clip, o);
           o[0] = clamp_like_torch(o[0], zero, W);
           o[1] = clamp_like_torch(o[1], zero, H);
           o[2] = clamp_like_torch(o[2], zero, W);
@@ -319,17 +325,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_impl(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_cpu(
     const at::Tensor& cls_logits, const at::Tensor& bbox_regression, const at::Tensor& anchors,
     const at::Tensor& image_sizes, at::IntArrayRef num_anchors_per_level, double score_thresh,
-    int64_t topk_candidates, double nms_thresh, int64_t detections_per_img) {
+    int64_t topk_candidates, double nms_thresh, int64_t detections_per_img, bool upcast) {
   const char* op = "retina_fast::postprocess_detections";
   check_postprocess_args(cls_logits, bbox_regression, anchors, image_sizes, num_anchors_per_level,
                          score_thresh, topk_candidates, nms_thresh, detections_per_img, op);
   check_device(cls_logits, at::kCPU, op, "cls_logits");
   const at::Tensor x = cls_logits.contiguous();
   const at::Tensor r = bbox_regression.contiguous();
-  // decode_single runs in the regression's dtype: anchors are cast to it, as torchvision does.
-  const at::Tensor a = anchors.to(r.scalar_type()).contiguous();
+  const at::ScalarType math = postprocess_math_type(r.scalar_type(), upcast);
+  // decode_single runs in the regression's dtype (float32 under upcast): anchors are cast to
+  // it, as torchvision does.
+  const at::Tensor a = anchors.to(math).contiguous();
   const at::Tensor s = image_sizes.to(at::kLong).contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  if (math != x.scalar_type()) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "postprocess_cpu_upcast", [&] {
+      out = postprocess_impl<float, scalar_t>(x, r, a, s, num_anchors_per_level, score_thresh,
+                                              topk_candidates, nms_thresh, detections_per_img);
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "postprocess_cpu", [&] {
     out = postprocess_impl<scalar_t>(x, r, a, s, num_anchors_per_level, score_thresh,
                                      topk_candidates, nms_thresh, detections_per_img);

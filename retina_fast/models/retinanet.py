@@ -157,15 +157,14 @@ class RetinaNet(nn.Module):
         """:meth:`postprocess_detections` padded to ``detections_per_img`` rows (static shapes,
         no host read): ``boxes [B, D, 4], scores [B, D], labels [B, D], counts [B]``."""
         cls_logits, bbox_regression = head_outputs["cls_logits"], head_outputs["bbox_regression"]
-        if cls_logits.dtype not in (torch.float32, torch.float64):
-            # autocast: scores and boxes from float32 (exact upcast of the logits; decoding in
-            # half would round box coordinates above 1024 / 256 for bfloat16).
-            cls_logits, bbox_regression = cls_logits.float(), bbox_regression.float()
-        elif bbox_regression.dtype != cls_logits.dtype:
+        if bbox_regression.dtype != cls_logits.dtype:
             bbox_regression = bbox_regression.to(cls_logits.dtype)
-        return postprocess_detections_padded(cls_logits, bbox_regression, anchors.to(bbox_regression.dtype),
-                                             image_sizes, num_anchors_per_level, self.score_thresh,
-                                             self.topk_candidates, self.nms_thresh, self.detections_per_img)
+        # upcast: under autocast the kernel reads the float16/bfloat16 head outputs as float32
+        # (exact) and scores, thresholds and decodes in float32, as on .float() copies, without
+        # making them (decoding in half would round box coordinates above 1024 / 256 for bfloat16).
+        return postprocess_detections_padded(cls_logits, bbox_regression, anchors, image_sizes,
+                                             num_anchors_per_level, self.score_thresh, self.topk_candidates,
+                                             self.nms_thresh, self.detections_per_img, upcast=True)
 
     # ---------------------------------------------------------------- forward
 

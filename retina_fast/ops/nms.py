@@ -146,6 +146,7 @@ def postprocess_detections_padded(
     topk_candidates: int = 1000,
     nms_thresh: float = 0.5,
     detections_per_img: int = 300,
+    upcast: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`postprocess_detections` with padded outputs of static shape (no host sync).
 
@@ -156,7 +157,7 @@ def postprocess_detections_padded(
     sizes = _sizes_tensor(image_sizes, cls_logits.device)
     return _ops.postprocess_detections(
         cls_logits, bbox_regression, anchors, sizes, [int(a) for a in num_anchors_per_level],
-        float(score_thresh), int(topk_candidates), float(nms_thresh), int(detections_per_img),
+        float(score_thresh), int(topk_candidates), float(nms_thresh), int(detections_per_img), bool(upcast),
     )
 
 
@@ -170,6 +171,7 @@ def postprocess_detections(
     topk_candidates: int = 1000,
     nms_thresh: float = 0.5,
     detections_per_img: int = 300,
+    upcast: bool = False,
 ) -> List[Dict[str, Tensor]]:
     """``torchvision.models.detection.RetinaNet.postprocess_detections`` for a whole batch.
 
@@ -182,7 +184,8 @@ def postprocess_detections(
             float32/float64.
         bbox_regression (Tensor[B, A, 4]): box codes, same dtype as cls_logits.
         anchors (Tensor[A, 4] shared by the batch, or Tensor[B, A, 4]): ``(x1, y1, x2, y2)``;
-            cast to the codes' dtype as ``BoxCoder.decode_single`` does.
+            cast to the codes' dtype as ``BoxCoder.decode_single`` does (float32 under
+            ``upcast``).
         image_sizes: ``[(h, w), ...]`` or an integer Tensor[B, 2] of (height, width): boxes
             are clipped to ``[0, w] x [0, h]``.
         num_anchors_per_level (list of int): anchors per FPN level (HWA of each level).
@@ -190,6 +193,12 @@ def postprocess_detections(
             (0.05, 1000, 0.5, 300): per level keep ``sigmoid > score_thresh`` (strict, in the
             logits' dtype), the best ``min(topk_candidates, n)``, then batched NMS by label
             at ``nms_thresh`` over the image, then the first ``detections_per_img``.
+        upcast (bool): float16/bfloat16 logits and codes are read as float32 (an exact
+            conversion) and everything after is float32, outputs included: the result of
+            passing ``cls_logits.float(), bbox_regression.float()``, bit for bit, without
+            making those copies (what :class:`retina_fast.models.RetinaNet` does under
+            autocast: a float16/bfloat16 threshold and decoding would round). No effect on
+            float32/float64 inputs.
 
     Returns:
         One dict per image with ``boxes`` (Tensor[M, 4], the codes' dtype), ``scores``
@@ -216,7 +225,7 @@ def postprocess_detections(
     """
     boxes, scores, labels, counts = postprocess_detections_padded(
         cls_logits, bbox_regression, anchors, image_sizes, num_anchors_per_level,
-        score_thresh, topk_candidates, nms_thresh, detections_per_img,
+        score_thresh, topk_candidates, nms_thresh, detections_per_img, upcast,
     )
     out: List[Dict[str, Tensor]] = []
     for b, n in enumerate(torch.jit.annotate(List[int], counts.tolist())):
@@ -275,15 +284,18 @@ def _batched_nms_multi_fake(boxes, scores, idxs, image_ids, num_images, iou_thre
 
 @torch.library.register_fake("retina_fast::postprocess_detections")
 def _postprocess_fake(cls_logits, bbox_regression, anchors, image_sizes, num_anchors_per_level,
-                      score_thresh, topk_candidates, nms_thresh, detections_per_img):
+                      score_thresh, topk_candidates, nms_thresh, detections_per_img, upcast=False):
     torch._check(cls_logits.dim() == 3, lambda: "cls_logits must be [B, A, K]")
     _same_device("postprocess_detections", cls_logits=cls_logits, bbox_regression=bbox_regression,
                  anchors=anchors, image_sizes=image_sizes)
     B = cls_logits.shape[0]
     D = detections_per_img
+    dtype = bbox_regression.dtype
+    if upcast and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
     return (
-        bbox_regression.new_empty((B, D, 4)),
-        cls_logits.new_empty((B, D)),
+        bbox_regression.new_empty((B, D, 4), dtype=dtype),
+        cls_logits.new_empty((B, D), dtype=dtype),
         cls_logits.new_empty((B, D), dtype=torch.long),
         cls_logits.new_empty((B,), dtype=torch.long),
     )

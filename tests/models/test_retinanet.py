@@ -200,3 +200,69 @@ def test_patch_and_unpatch_torchvision():
     assert tv.postprocess_detections is own
     with pytest.raises(TypeError, match="torchvision"):
         retina_fast.patch_torchvision(_small())
+
+
+class _LargeOutputs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op that writes a new tensor (not a view of an input) of at least ``numel``
+    elements."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.seen = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() >= self.numel \
+                    and t.untyped_storage().data_ptr() not in inputs:
+                self.seen.append((str(func), t.dtype, tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_kernels_take_bfloat16_channels_last_head_outputs_without_a_copy(variant):
+    """The head's bfloat16 outputs (channels_last convolutions, under autocast) go into the
+    losses, their backward and the post-processing as they are: no op after the head makes a
+    tensor the size of the [B, A, K] logits, except the logits' gradient (bfloat16, written once
+    by the focal loss's backward). The kernels compute in float32 inside: the losses are those of
+    float32 copies, the detections those of float32 copies bit for bit."""
+    bf16 = torch.bfloat16
+    m = _small(variant, num_classes=7).to(memory_format=torch.channels_last)
+    imgs, tg = _batch()
+    m.train()
+    with torch.autocast("cpu", dtype=bf16):
+        il, targets = m.transform(imgs, tg)
+        feats = list(m.backbone(il.tensors.contiguous(memory_format=torch.channels_last)).values())
+        assert feats[0].is_contiguous(memory_format=torch.channels_last)
+        head = m.head(feats)
+    cls, reg = head["cls_logits"], head["bbox_regression"]
+    assert cls.dtype == reg.dtype == bf16 and cls.requires_grad
+    anchors = m.anchors(tuple(il.tensors.shape[-2:]), feats)
+
+    spy = _LargeOutputs(cls.numel())
+    with torch.autocast("cpu", dtype=bf16), spy:
+        losses = m.compute_loss(targets, head, anchors)
+        g_cls, g_reg = torch.autograd.grad(losses["classification"] + losses["bbox_regression"], [cls, reg])
+    assert [dtype for _, dtype, _ in spy.seen] == [bf16], spy.seen  # the gradient
+    assert g_cls.dtype == g_reg.dtype == bf16
+    ref = m.compute_loss(targets, {"cls_logits": cls.detach().float(), "bbox_regression": reg.detach().float()},
+                         anchors)
+    for k in ref:
+        assert losses[k].dtype == torch.float32
+        torch.testing.assert_close(losses[k], ref[k], rtol=1e-5, atol=1e-7)
+
+    m.eval()
+    m.score_thresh = 0.005  # random weights: every score is ~0.01
+    head = {k: v.detach() for k, v in head.items()}
+    sizes = [tuple(f.shape[-2:]) for f in feats]
+    tail = (sizes, tuple(il.tensors.shape[-2:]), il.image_sizes, [tuple(i.shape[-2:]) for i in imgs])
+    spy = _LargeOutputs(cls.numel())
+    with spy:
+        got = m.detections_from_head(head, *tail)
+    assert spy.seen == []
+    exp = m.detections_from_head({k: v.float() for k, v in head.items()}, *tail)
+    assert got[1].dtype == torch.float32 and int(got[3].min()) > 0
+    for a, b in zip(got, exp):
+        assert torch.equal(a, b)

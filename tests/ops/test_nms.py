@@ -10,7 +10,7 @@ from torchvision.ops import boxes as tv_boxes
 
 import retina_fast.ops as R
 from retina_fast.ops import _reference as ref
-from tests.conftest import CUDA, devices, requires_cuda
+from tests.conftest import CUDA, cuda_param, devices, requires_cuda
 from tests.detections import assert_same_detections, assert_same_keep
 
 
@@ -401,6 +401,38 @@ def test_postprocess_dtypes(dtype):
         assert_dets_equal(got, tv_postprocess(logits, reg, anchors, sizes, levels, topk_candidates=300))
 
 
+@pytest.mark.parametrize("device", ["cpu", cuda_param()])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("per_image_anchors", [False, True])
+def test_postprocess_upcast_equals_float32_copies(device, dtype, per_image_anchors):
+    """upcast=True reads float16/bfloat16 logits and codes as float32 inside the kernel: float32
+    outputs equal, bit for bit, those of the same kernel on .float() copies (what the model
+    passed before), with NaN logits, the decode clamp, levels past topk and coordinates that a
+    bfloat16 decode would round (anchors up to ~640 px)."""
+    levels = [2000, 500, 120]
+    logits, reg, anchors, sizes = _head_case(3, levels, 20, seed=11, dtype=dtype)
+    logits[0, :40] = float("nan")
+    if per_image_anchors:
+        anchors = torch.stack([anchors + 3 * b for b in range(3)])
+    kw = dict(topk_candidates=300, detections_per_img=200)
+    d = torch.device(device)
+    got = R.postprocess_detections_padded(logits.to(d), reg.to(d), anchors.to(d), sizes, levels, upcast=True, **kw)
+    exp = R.postprocess_detections_padded(logits.float().to(d), reg.float().to(d), anchors.to(d), sizes, levels, **kw)
+    assert got[0].dtype == got[1].dtype == torch.float32
+    assert got[3].min() > 50
+    for g, e in zip(got, exp):
+        assert torch.equal(g, e)
+    # without upcast the kernel computes in the logits' own dtype (torchvision's rule), which differs
+    native = R.postprocess_detections_padded(logits.to(d), reg.to(d), anchors.to(d), sizes, levels, **kw)
+    assert native[1].dtype == dtype and not torch.equal(native[0].float(), got[0])
+    # float32 / float64 inputs: upcast changes nothing
+    for t in (torch.float32, torch.float64):
+        a = R.postprocess_detections_padded(logits.to(d, t), reg.to(d, t), anchors.to(d), sizes, levels, upcast=True,
+                                            **kw)
+        b = R.postprocess_detections_padded(logits.to(d, t), reg.to(d, t), anchors.to(d), sizes, levels, **kw)
+        assert a[1].dtype == t and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_postprocess_ties_and_edge_parameters():
     levels = [500, 125]
     logits, reg, anchors, sizes = _head_case(2, levels, 5, seed=8)
@@ -451,6 +483,8 @@ def test_postprocess_opcheck_and_compile():
     st = torch.tensor(sizes)
     torch.library.opcheck(torch.ops.retina_fast.postprocess_detections.default,
                           (logits, reg, anchors, st, levels, 0.05, 100, 0.5, 20))
+    torch.library.opcheck(torch.ops.retina_fast.postprocess_detections.default,
+                          (logits.bfloat16(), reg.bfloat16(), anchors, st, levels, 0.05, 100, 0.5, 20, True))
 
     @torch.compile(fullgraph=True, backend="eager")
     def f(logits, reg, anchors, st):
