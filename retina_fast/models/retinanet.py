@@ -158,6 +158,9 @@ class RetinaNet(nn.Module):
         no host read): ``boxes [B, D, 4], scores [B, D], labels [B, D], counts [B]``."""
         cls_logits, bbox_regression = head_outputs["cls_logits"], head_outputs["bbox_regression"]
         if bbox_regression.dtype != cls_logits.dtype:
+            # mixed dtypes (a custom head): never round the codes to half precision
+            if cls_logits.dtype in (torch.float16, torch.bfloat16):
+                cls_logits = cls_logits.float()
             bbox_regression = bbox_regression.to(cls_logits.dtype)
         # upcast: under autocast the kernel reads the float16/bfloat16 head outputs as float32
         # (exact) and scores, thresholds and decodes in float32, as on .float() copies, without

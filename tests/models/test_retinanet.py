@@ -266,3 +266,9 @@ def test_kernels_take_bfloat16_channels_last_head_outputs_without_a_copy(variant
     assert got[1].dtype == torch.float32 and int(got[3].min()) > 0
     for a, b in zip(got, exp):
         assert torch.equal(a, b)
+    # a head with bfloat16 logits and float32 codes: the codes are not rounded to bfloat16
+    codes = head["bbox_regression"].float() + 1e-3 * torch.randn(head["bbox_regression"].shape)
+    mixed = m.detections_from_head({"cls_logits": head["cls_logits"], "bbox_regression": codes}, *tail)
+    exp = m.detections_from_head({"cls_logits": head["cls_logits"].float(), "bbox_regression": codes}, *tail)
+    for a, b in zip(mixed, exp):
+        assert torch.equal(a, b)
