@@ -963,8 +963,8 @@ __global__ void sel_candidates_kernel(const uint64_t* __restrict__ keys, const u
     }
     const scalar_t one(1), zero(0);
     scalar_t o[4], code[4];
-    decode_box<scalar_t>(codes_as<scalar_t>(reg + (b * A + a) * 4, code), anchors + (shared_anchors ? 0 : b * A * 4) + a * 4, one, one,
-                         one, one, clip, o);
+    decode_box<scalar_t>(codes_as<scalar_t>(reg + (b * A + a) * 4, code),
+                         anchors + (shared_anchors ? 0 : b * A * 4) + a * 4, one, one, one, one, clip, o);
     const scalar_t H = static_cast<scalar_t>(sizes[2 * b]), W = static_cast<scalar_t>(sizes[2 * b + 1]);
     scalar_t* out = boxes + 4 * q;
     out[0] = clamp_like_torch(o[0], zero, W);
