@@ -9,30 +9,23 @@ training step feeds them), forward and forward + backward (input and weight grad
 ``F.conv2d`` (oneDNN's convolution, what both models run) and as ``F.linear`` on the NHWC view
 (autocast's bfloat16 matmul; the same products, summed in another order). Prints one line per
 distinct shape and the totals weighted by how often each shape occurs: the most a 1x1-as-matmul
-training forward could save. Not a pytest-benchmark file, and not part of the model: the saving
-measured on the 2-core CPU (170.5 -> 164.7 ms forward + backward in all, 0.6 % of a
-bf16 channels_last training step; benchmarks/results/2026-12-05-conv1x1-matmul-probe-cpu-2core.txt)
-did not justify another code path.
+training forward could save. Not a pytest-benchmark file, and not part of the model: on the
+2-core CPU the matmuls were no faster in all (forward + backward, four runs: 170.5 -> 164.7,
+163.9 -> 174.8, 175.1 -> 182.0, 177.4 -> 182.8 ms; faster on the 2048-channel layer4 shapes,
+slower on others; benchmarks/results/2026-12-05-conv1x1-matmul-probe-cpu-2core.txt).
 """
 
 import argparse
 import collections
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from retina_fast.engine.speed import time_interleaved
+
 
 def _median_ms(fn, rounds):
-    for _ in range(2):
-        fn()
-    ts = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
+    return time_interleaved({"fn": fn}, rounds, warmup=2)["fn"] * 1e3
 
 
 def conv1x1_as_linear(x, weight):

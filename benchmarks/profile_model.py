@@ -16,8 +16,6 @@ Timings are self CPU time under the profiler (its overhead included); compare wi
 
 import argparse
 import collections
-import statistics
-import time
 
 import torch
 
@@ -72,13 +70,7 @@ def head_levels(model, images, settings, train):
             else:
                 with torch.no_grad(), settings.autocast():
                     model.head([f])
-        run()
-        ts = []
-        for _ in range(5):
-            t = time.perf_counter()
-            run()
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts) * 1e3
+        return speed.time_interleaved({"head": run}, rounds=5)["head"] * 1e3
 
     return [(tuple(f.shape[-2:]), call(f)) for f in feats]
 
