@@ -195,6 +195,15 @@ def prepared_pair(tv, ours, settings, device):
     return tv_s, ours_train, tv_s, ours_eval
 
 
+def _short_name(settings) -> str:
+    """``bf16+cl``, ``fp32``: a setting's precision and memory format in a table cell."""
+    return settings.precision + ("+cl" if settings.channels_last else "")
+
+
+def _like_for_like(precision: str, channels_last: bool) -> str:
+    return f"like for like: {precision}{', channels_last' if channels_last else ', NCHW'}"
+
+
 def model_table(batch: int = 2, size: int = 512, device="cpu", rounds: int = 5, warmup: int = 1,
                 latency_rounds: int | None = None, rows=LIKE_FOR_LIKE, train: bool = True,
                 infer: bool = True, default_precision: str = "auto", default_channels_last=None,
@@ -217,8 +226,7 @@ def model_table(batch: int = 2, size: int = 512, device="cpu", rounds: int = 5, 
     def measure(label, tv_settings, ours_settings, pair=(tv, ours), infer=infer):
         tv_tr = tv_ev = torchvision_for(pair[0], tv_settings, device)
         ours_tr, ours_ev = ours_for(pair[1], ours_settings, device)
-        row = {"setting": label, "torchvision": tv_settings.precision + ("+cl" if tv_settings.channels_last else ""),
-               "ours": ours_settings.precision + ("+cl" if ours_settings.channels_last else "")}
+        row = {"setting": label, "torchvision": _short_name(tv_settings), "ours": _short_name(ours_settings)}
         if train:
             t = time_interleaved({"tv": train_step_fn(tv_tr, images, targets, tv_settings, device),
                                   "ours": train_step_fn(ours_tr, images, targets, ours_settings, device)},
@@ -235,19 +243,18 @@ def model_table(batch: int = 2, size: int = 512, device="cpu", rounds: int = 5, 
         del tv_tr, ours_tr, tv_ev, ours_ev
         return row
 
-    out["headline"] = measure(f"ours {auto.precision}{'+cl' if auto.channels_last else ''} (auto) vs "
+    out["headline"] = measure(f"ours {_short_name(auto)} (auto) vs "
                               "torchvision's defaults (fp32, NCHW)", fp32, auto)
     for precision, cl in rows:
         s = rprec.resolve(precision, cl, device)
-        out["rows"].append(measure(f"like for like: {precision}{', channels_last' if cl else ', NCHW'}", s, s))
+        out["rows"].append(measure(_like_for_like(precision, cl), s, s))
     out["finetune_rows"] = []
     if finetune_rows and train:
         pair = build_pair(size, device, finetune=True)
         for precision, cl in finetune_rows:
             s = rprec.resolve(precision, cl, device)
-            out["finetune_rows"].append(measure(
-                f"fine-tuning layout, like for like: {precision}{', channels_last' if cl else ', NCHW'}", s, s,
-                pair, infer=False))
+            out["finetune_rows"].append(measure("fine-tuning layout, " + _like_for_like(precision, cl), s, s,
+                                                pair, infer=False))
         del pair
     if latency_rounds:
         tv_ev = torchvision_for(tv, fp32, device)

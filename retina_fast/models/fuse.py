@@ -263,7 +263,7 @@ class FusedConv2d(nn.Module):
         # and used on P7's 4x4 ran 25-40x slower than the plain weight (256 -> 36 channels), so
         # each input shape gets its own. The cache is dropped when the weight changes.
         w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        key = _tensor_key(w)
         if self._packed_key != key:
             self._packed, self._packed_key = {}, key
         shape = tuple(x.shape)
@@ -290,8 +290,7 @@ class FusedConv2d(nn.Module):
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, self.padding, self.stride,
                                                           self.dilation, self.groups, unary, [], "")
-        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        residual = residual.to(w.dtype).contiguous(memory_format=fmt)
+        residual = residual.to(w.dtype).contiguous(memory_format=_format_of(x))
         return torch.ops.mkldnn._convolution_pointwise(x, residual, packed, self.bias, self.padding, self.stride,
                                                       self.dilation, self.groups, "add", 1.0,
                                                       "relu" if self.relu else None, [], "")
@@ -307,7 +306,7 @@ class _FusedResidualBlock(nn.Module):
 
     def __init__(self, block: nn.Module):
         super().__init__()
-        convs = ("conv1", "conv2", "conv3") if isinstance(block, Bottleneck) else ("conv1", "conv2")
+        convs = tuple(f"conv{i}" for i in _block_layers(block))
         for name in convs:
             setattr(self, name, FusedConv2d(getattr(block, name), relu=True))
         self.convs = convs
@@ -321,11 +320,14 @@ class _FusedResidualBlock(nn.Module):
         return getattr(self, self.convs[-1])(out, identity)
 
 
+def _block_layers(block: nn.Module) -> range:
+    """The numbers of a residual block's conv / bn pairs (``conv1`` / ``bn1`` ...)."""
+    return range(1, 4 if isinstance(block, Bottleneck) else 3)
+
+
 def _block_is_folded(block: nn.Module) -> bool:
-    names = ("bn1", "bn2", "bn3") if isinstance(block, Bottleneck) else ("bn1", "bn2")
-    convs = [getattr(block, "conv" + n[2:]) for n in names]
-    return (all(isinstance(getattr(block, n), nn.Identity) for n in names)
-            and all(_plain_conv(c) for c in convs))
+    return all(isinstance(getattr(block, f"bn{i}"), nn.Identity) and _plain_conv(getattr(block, f"conv{i}"))
+               for i in _block_layers(block))
 
 
 def fuse_pointwise(module: nn.Module) -> int:
@@ -376,9 +378,13 @@ class _InferenceParts(nn.Module):
         self.head = head
 
 
+def _tensor_key(t: torch.Tensor):
+    """What changes when a tensor's values may have: its storage, in-place version, dtype, device."""
+    return (t.data_ptr(), t._version, t.dtype, t.device)
+
+
 def _tensors_key(module: nn.Module):
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in
-                 [*module.parameters(), *module.buffers()])
+    return tuple(_tensor_key(t) for t in [*module.parameters(), *module.buffers()])
 
 
 def fast_eval_parts(model: nn.Module, images: torch.Tensor):
