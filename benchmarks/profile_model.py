@@ -21,6 +21,7 @@ import torch
 
 from retina_fast.engine import precision as rprec
 from retina_fast.engine import speed
+from retina_fast.models.fuse import fast_eval_parts
 
 KINDS = (
     ("convolution", ("convolution",)),
@@ -54,22 +55,25 @@ def profile(fn, steps):
 
 
 def head_levels(model, images, settings, train):
-    """Median ms of the head on each level's features alone (forward, + backward in train)."""
+    """Median ms of the head on each level's features alone (forward, + backward in train;
+    in inference the folded, fused copy the model's eval forward runs, where it applies)."""
     model = model.train(train)
     with torch.no_grad(), settings.autocast():
         x = model.transform(images)[0].tensors.contiguous(memory_format=settings.memory_format)
-        feats = list(model.backbone(x).values())
+        parts = None if train else fast_eval_parts(model, x)
+        backbone, head = parts or (model.backbone, model.head)
+        feats = list(backbone(x).values())
 
     def call(f):
         def run():
             if train:
                 g = f.detach().requires_grad_()
                 with settings.autocast():
-                    out = model.head([g])
+                    out = head([g])
                 (out["cls_logits"].float().sum() + out["bbox_regression"].float().sum()).backward()
             else:
                 with torch.no_grad(), settings.autocast():
-                    model.head([f])
+                    head([f])
         return speed.time_interleaved({"head": run}, rounds=5)["head"] * 1e3
 
     return [(tuple(f.shape[-2:]), call(f)) for f in feats]
