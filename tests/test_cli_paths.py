@@ -5,6 +5,7 @@ images; what the flags do inside training is tests/engine/test_train_paths.py's.
 
 import json
 import os
+import platform
 
 import pytest
 import yaml
@@ -12,6 +13,8 @@ import yaml
 from tests.test_cli import TINY, run
 
 pycocotools = pytest.importorskip("pycocotools")
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 def test_train_shapes_stream_val_files_step_schedule_multiscale_amp(tmp_path):
@@ -26,6 +29,8 @@ def test_train_shapes_stream_val_files_step_schedule_multiscale_amp(tmp_path):
             "--warmup-iters", 0, "--workers", 0, "--device", "cpu", "--threads", 1, "--out", out,
             "--log-every", 1, "--model-opt", "score_thresh=0.001", *tiny)
     assert "[train] it 4/4" in p.stdout and "Average Precision" in p.stdout, p.stdout + p.stderr
+    # the program itself keeps freed memory by default (--malloc auto) and says so
+    assert "; memory: " in p.stderr and (GLIBC is False or "memory: keeping freed memory" in p.stderr), p.stderr
     assert "[eval] images 4/4" in p.stdout  # the --val-ann/--val-images split, evaluated
     cfg = yaml.safe_load(open(out / "config.yaml"))
     assert cfg["shapes_stream"] == 8 and cfg["schedule"] == "step" and cfg["lr_steps"] == [1]
@@ -45,6 +50,7 @@ def test_demo_with_max_iters(tmp_path):
     assert "[demo] mAP@[.5:.95]" in p.stdout, p.stdout + p.stderr
     summary = json.load(open(out / "summary.json"))
     assert summary["iterations"] == 2 and summary["stopped_by"] == "max_iters" and summary["val_images"] == 4
+    assert GLIBC is False or summary["malloc"].startswith("keeping freed memory"), summary["malloc"]
     for f in ("loss_curve.png", "metrics.json"):
         assert (out / f).is_file(), f
     assert len(os.listdir(out / "predictions")) >= 4

@@ -29,6 +29,7 @@ from retina_fast.data import (
     SHAPES_CATEGORIES, CocoDetection, ShapesConfig, ShapesStream, eval_transforms,
     train_transforms, write_shapes_coco,
 )
+from retina_fast.engine import memory
 from retina_fast.engine import precision as rprec
 from retina_fast.engine.evaluate import evaluate, inference_model
 from retina_fast.engine.plots import plot_loss_curve
@@ -114,6 +115,7 @@ def run_demo(out_dir: str = "retina_fast_demo", time_budget: float | None = None
         "device": str(dev), "torch_threads": torch.get_num_threads(), "workers": workers,
         "batch_size": batch_size, "lr": lr, "amp": amp, "seed": seed, "val_images": val_images,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default: active)"),
+        "malloc": memory.describe(),
         "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__, "python": platform.python_version(),
         **(extra_info or {}),

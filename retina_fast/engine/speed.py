@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from retina_fast.engine import memory
 from retina_fast.engine import precision as rprec
 
 #: (precision, channels_last) of the like-for-like rows
@@ -39,8 +40,9 @@ LIKE_FOR_LIKE = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True
 
 
 def machine_info(device) -> dict:
-    """The CPU (model name, flags that matter for bfloat16) or GPU, threads, torch."""
-    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
+    """The CPU (model name, flags that matter for bfloat16) or GPU, threads, torch, allocator."""
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "malloc": memory.describe()}
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         return info

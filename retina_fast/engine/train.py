@@ -74,6 +74,7 @@ from retina_fast.engine.checkpoint import (
     set_rng_state,
 )
 from retina_fast.engine.logging_utils import MetricsLogger, Progress
+from retina_fast.engine import memory
 from retina_fast.engine import precision as rprec
 from retina_fast.engine.model_factory import build_model, init_weights, param_groups, pretrained_kwargs
 from retina_fast.engine.schedule import WarmupSchedule
@@ -374,7 +375,7 @@ def train(cfg: TrainConfig, dataset, categories: list, progress_callback=None,
     stopped_by = "epochs"
     epoch = start_epoch - 1
     if is_main:
-        log.info("training in %s", settings.describe())
+        log.info("training in %s; memory: %s", settings.describe(), memory.describe())
     data_wait = 0.0
     ddp_model.train()
     try:
