@@ -82,15 +82,15 @@ def main(argv=None):
                     got.setdefault((which, malloc), []).append(r["ms"])
                     print(f"{mode:5} rep {rep} {which:11} {malloc:6} {r['ms']:7.0f} ms  "
                           f"{r['faults']:8.0f} faults/call  max RSS {r['max_rss_gb']:.2f} GB", flush=True)
+        med = {k: statistics.median(v) for k, v in got.items()}
         for which in ("ours", "torchvision"):
-            system = statistics.median(got[(which, "system")])
-            keep = statistics.median(got[(which, "keep")])
+            system, keep = med[(which, "system")], med[(which, "keep")]
             print(f"{mode:5} {which:11} system {system:6.0f} ms  keep {keep:6.0f} ms  "
                   f"speed-up {system / keep:.3f}x")
-        print(f"{mode:5} torchvision / ours: system {statistics.median(got[('torchvision', 'system')]) / statistics.median(got[('ours', 'system')]):.3f}x, "
-              f"ours kept against torchvision's system {statistics.median(got[('torchvision', 'system')]) / statistics.median(got[('ours', 'keep')]):.3f}x, "
-              f"both kept {statistics.median(got[('torchvision', 'keep')]) / statistics.median(got[('ours', 'keep')]):.3f}x")
-
+        tv_sys, tv_keep, ours_sys, ours_keep = (med[("torchvision", "system")], med[("torchvision", "keep")],
+                                                med[("ours", "system")], med[("ours", "keep")])
+        print(f"{mode:5} torchvision / ours: system {tv_sys / ours_sys:.3f}x, ours kept against "
+              f"torchvision's system {tv_sys / ours_keep:.3f}x, both kept {tv_keep / ours_keep:.3f}x")
 
 if __name__ == "__main__":
     main()

@@ -59,7 +59,8 @@ def main(argv=None):
         for side in map(int, args.sides.split(",")):
             x = torch.randn(args.batch, 256, side, side, generator=g).to(dtype)
             x = x.contiguous(memory_format=torch.channels_last)
-            w = (torch.randn(256, 256, 3, 3, generator=g) * 0.02).to(dtype).contiguous(memory_format=torch.channels_last)
+            w = (torch.randn(256, 256, 3, 3, generator=g) * 0.02).to(dtype)
+            w = w.contiguous(memory_format=torch.channels_last)
             b = torch.randn(256, generator=g).to(dtype)
             ref = F.conv2d(x.float(), w.float(), b.float(), padding=1)
             t = time_interleaved({"direct": lambda: F.conv2d(x, w, b, padding=1),

@@ -12,8 +12,9 @@ BatchNorm backward took 28 ms instead of 2 ms on faulting its 16 MiB output.
 2 GiB and ``M_TOP_PAD`` to 64 MiB (``mallopt``): blocks up to 1 GiB come from the heap and stay
 there when freed, so the next step reuses them without a fault. The peak resident memory stays
 about the same (the step needs its peak either way; measured up to 7 % higher, fragmentation);
-what changes is that it is not returned between steps. It is what ``python -m torch.backends.xeon.run_cpu`` gets by preloading jemalloc or
-tcmalloc, done without a preload. Measured (``python -m benchmarks.malloc_probe``,
+what changes is that it is not returned between steps. It is what
+``python -m torch.backends.xeon.run_cpu`` gets by preloading jemalloc or tcmalloc, done without
+a preload. Measured (``python -m benchmarks.malloc_probe``,
 ``benchmarks/results/2026-12-05-malloc-probe-*``): our training steps 1.07x (bf16 channels_last)
 and 1.21x (float32 NCHW) faster, ~500 faults a step or none.
 
