@@ -5,16 +5,17 @@ images; what the flags do inside training is tests/engine/test_train_paths.py's.
 
 import json
 import os
-import platform
 
 import pytest
 import yaml
+
+from retina_fast.engine import memory
 
 from tests.test_cli import TINY, run
 
 pycocotools = pytest.importorskip("pycocotools")
 
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC = memory.is_glibc()
 
 
 def test_train_shapes_stream_val_files_step_schedule_multiscale_amp(tmp_path):

@@ -53,9 +53,14 @@ def describe() -> str:
     return _state
 
 
+def is_glibc() -> bool:
+    """Whether this process runs on Linux with glibc (whose ``mallopt`` this module sets)."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def _why_not() -> str | None:
     """Why :func:`keep_freed_memory` must leave the allocator alone, or None."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not is_glibc():
         return f"the C library is not glibc ({platform.system()} {platform.libc_ver()[0] or '?'})"
     preload = os.environ.get("LD_PRELOAD", "")
     other = [a for a in _OTHER_ALLOCATORS if a in preload]
@@ -81,7 +86,7 @@ def keep_freed_memory() -> bool:
         _state = ("keeping freed memory for reuse (glibc mallopt: mmap threshold 1 GiB, trim "
                   "threshold 2 GiB, top pad 64 MiB): fewer page faults per step")
         return True
-    _state = f"system allocator: {why}"
+    set_system(why)
     return False
 
 

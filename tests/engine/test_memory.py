@@ -7,7 +7,6 @@ the test in pytest's own process."""
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -16,8 +15,7 @@ import pytest
 from retina_fast import cli
 from retina_fast.engine import memory
 
-glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                           reason="glibc's mallopt")
+glibc = pytest.mark.skipif(not memory.is_glibc(), reason="glibc's mallopt")
 
 # Allocate, fill and free a 64 MiB tensor 12 times (above glibc's largest dynamic mmap threshold,
 # 32 MiB, so by default every one is fresh pages) and report the minor page faults of the loop.
