@@ -114,7 +114,7 @@ def _add_runtime_flags(p, omp=True, malloc="auto"):
                         "system between steps (fewer page faults: our training steps 1.07-1.21x "
                         "faster on the 2-core VM; retina_fast.engine.memory); system: glibc's defaults; auto: "
                         "keep when this is the retina-fast program, system when main() is called "
-                        f"from Python (default: {malloc})")
+                        "from Python")
     if omp:
         p.add_argument("--omp-wait-policy", choices=["auto", "active", "passive"], default="auto",
                        help="OpenMP thread waiting: passive is much faster on a busy machine, ~20%% "
@@ -458,7 +458,7 @@ def cmd_make_shapes(args, argv):
 
 def _bench_model_parser():
     p = _ArgumentParser(prog="retina-fast bench model",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        formatter_class=_HelpFormatter,
                         description="Ours against torchvision's RetinaNet (R50-FPN v1, same weights, same "
                                     "inputs): train step (forward, losses, backward) and inference, medians "
                                     "of interleaved calls. The first row is ours under --precision / "
@@ -653,6 +653,18 @@ def _check_extras(args) -> None:
 # ------------------------------------------------------------------------------------ parser
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after each option, unless its help already says what the
+    default is ("(default: 240 on CPU, 75 on GPU)" rather than that and "(default: None)") or
+    there is none (an option left unset is None: "(default: None)" says nothing)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default:" in text.lower() or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse with a usage error on one line (the full usage is one ``--help`` away)."""
 
@@ -673,7 +685,7 @@ def _add_eval_flags(p, progress=True):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     p = _ArgumentParser(
         prog="retina-fast",
         description="Fast, exact RetinaNet: train, evaluate and run detectors on COCO-format data.",

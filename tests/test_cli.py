@@ -37,15 +37,24 @@ def assert_one_line_error(p, needle):
     assert len(lines) == 1 and needle in lines[0], p.stderr
 
 
-def test_help_for_every_command():
-    out = run("--help").stdout
-    from retina_fast.cli import build_parser
+def test_help_for_every_command(capsys):
+    import re
 
-    for cmd in ("demo", "train", "eval", "predict", "export", "bench", "make-shapes"):
+    out = run("--help").stdout
+    from retina_fast.cli import _bench_model_parser, build_parser
+
+    for cmd in ("demo", "train", "eval", "predict", "export", "bench", "make-shapes", "env"):
         assert cmd in out
         with pytest.raises(SystemExit) as e:
             build_parser().parse_args([cmd, "--help"])
         assert e.value.code == 0
+    with pytest.raises(SystemExit):
+        _bench_model_parser().parse_args(["--help"])
+    # each option states its default once, and never as argparse's raw None
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--malloc" in text and "(default: 240 on CPU, 75 on GPU)" in text
+    assert not re.findall(r"\(default: [^)]*\) \(default: [^)]*\)", text)
+    assert "(default: None)" not in text and "(default: True)" not in text
     assert "usage: retina-fast train" in run("train", "--help").stdout
 
 

@@ -175,7 +175,7 @@ def add_flags(p) -> None:
     p.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
                    help="channels_last memory format (default: where it is faster, see --precision)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
-                   help="keep NCHW")
+                   help="keep NCHW (default: off, see --channels-last)")
 
 
 def from_args(args, device) -> RunSettings:
