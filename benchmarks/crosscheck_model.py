@@ -53,6 +53,10 @@ def _models(seed=123, busy=False):
     return tv, ours
 
 
+def _format(channels_last):
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def _autocast(bf16):
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
@@ -92,7 +96,7 @@ def _parts(tv0, ours0, images, bf16, cl, rounds):
     inference ratio comes from."""
     from retina_fast.models.fuse import fast_eval_parts
 
-    fmt = torch.channels_last if cl else torch.contiguous_format
+    fmt = _format(cl)
     tv = copy.deepcopy(tv0).to(memory_format=fmt).eval()
     ours = copy.deepcopy(ours0).to(memory_format=fmt).eval()
     with torch.no_grad(), _autocast(bf16):
@@ -116,6 +120,10 @@ def main(argv=None):
                     help="the classifier bias drawn from N(-4, 1) as in bench model (many candidates "
                          "above the score threshold), instead of torchvision's prior (none with these weights)")
     args = ap.parse_args(argv)
+    phases = args.phases.split(",")
+    unknown = set(phases) - {"train", "infer", "parts"}
+    if unknown:
+        ap.error(f"--phases: expected train, infer or parts, got {', '.join(sorted(unknown))}")
 
     tv0, ours0 = _models(busy=args.busy)
     images, targets = _inputs()
@@ -124,36 +132,34 @@ def main(argv=None):
              f"{'N(-4, 1)' if args.busy else 'torchvision prior'}; "
              f"images {[tuple(i.shape[1:]) for i in images]}, boxes {[len(t['boxes']) for t in targets]}",
              "phase  setting           torchvision ms   ours ms   tv/ours"]
-    print(lines[0], flush=True)
-    print(lines[1], flush=True)
+    for line in lines:
+        print(line, flush=True)
+
+    def row(phase, name, t_tv, t_ours):
+        line = f"{phase:6s} {name:28s} {t_tv * 1e3:9.0f} {t_ours * 1e3:9.0f}   {t_tv / t_ours:5.2f}x"
+        print(line, flush=True)
+        lines.append(line)
+
     settings = [("fp32 NCHW", False, False), ("fp32 cl", False, True), ("bf16 NCHW", True, False),
                 ("bf16 cl", True, True)]
-    for phase in args.phases.split(","):
+    for phase in phases:
         if phase == "parts":
             for name, bf16, cl in settings:
-                for part, (t_tv, t_ours) in _parts(tv0, ours0, images, bf16, cl, args.rounds).items():
-                    line = f"parts  {name + ', ' + part:28s} {t_tv * 1e3:9.0f} {t_ours * 1e3:9.0f}   {t_tv / t_ours:5.2f}x"
-                    print(line, flush=True)
-                    lines.append(line)
+                for part, times in _parts(tv0, ours0, images, bf16, cl, args.rounds).items():
+                    row(phase, f"{name}, {part}", *times)
             continue
-        rows = [(s, s) for s in settings] + ([(("tv defaults", False, False), ("ours bf16 cl", True, True))]
-                                             if phase in ("train", "infer") else [])
-        for (tv_name, tv_bf16, tv_cl), (ours_name, ours_bf16, ours_cl) in rows:
-            fmt_tv = torch.channels_last if tv_cl else torch.contiguous_format
-            fmt_ours = torch.channels_last if ours_cl else torch.contiguous_format
-            tv = copy.deepcopy(tv0).to(memory_format=fmt_tv)
-            ours = copy.deepcopy(ours0).to(memory_format=fmt_ours)
+        pairs = [(s, s) for s in settings] + [(("tv defaults", False, False), ("ours bf16 cl", True, True))]
+        for (tv_name, tv_bf16, tv_cl), (ours_name, ours_bf16, ours_cl) in pairs:
+            tv = copy.deepcopy(tv0).to(memory_format=_format(tv_cl))
+            ours = copy.deepcopy(ours0).to(memory_format=_format(ours_cl))
             if phase == "train":
                 tv.train(), ours.train()
                 a, b = _step(tv, images, targets, tv_bf16), _step(ours, images, targets, ours_bf16)
             else:
                 tv.eval(), ours.eval()
                 a, b = _infer(tv, images, tv_bf16), _infer(ours, images, ours_bf16)
-            t_tv, t_ours = _median_pair(a, b, args.rounds)
             name = tv_name if tv_name == ours_name else f"{ours_name} vs {tv_name}"
-            line = f"{phase:6s} {name:28s} {t_tv * 1e3:9.0f} {t_ours * 1e3:9.0f}   {t_tv / t_ours:5.2f}x"
-            print(line, flush=True)
-            lines.append(line)
+            row(phase, name, *_median_pair(a, b, args.rounds))
             del tv, ours, a, b
     if args.out:
         with open(args.out, "w") as f:

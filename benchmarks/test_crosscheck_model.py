@@ -18,6 +18,12 @@ def test_the_two_loads(busy, detections):
     assert [len(d["boxes"]) for d in out_ours] == [detections] * 2
 
 
+def test_an_unknown_phase_is_refused():
+    with pytest.raises(SystemExit) as e:
+        cc.main(["--phases", "infer,inference"])
+    assert e.value.code == 2
+
+
 def test_table_lines(tmp_path):
     out = tmp_path / "cross.txt"
     cc.main(["--rounds", "1", "--phases", "infer,parts", "--out", str(out)])
