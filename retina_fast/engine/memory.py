@@ -83,8 +83,9 @@ def keep_freed_memory() -> bool:
             (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
         why = None if ok else "glibc's mallopt refused the settings"
     if why is None:
-        _state = ("keeping freed memory for reuse (glibc mallopt: mmap threshold 1 GiB, trim "
-                  "threshold 2 GiB, top pad 64 MiB): fewer page faults per step")
+        _state = (f"keeping freed memory for reuse (glibc mallopt: mmap threshold {MMAP_THRESHOLD >> 30} GiB, "
+                  f"trim threshold {(TRIM_THRESHOLD + 1) >> 30} GiB, top pad {TOP_PAD >> 20} MiB): fewer page "
+                  "faults per step")
         return True
     set_system(why)
     return False
